@@ -1,0 +1,190 @@
+"""Lightning callbacks: throughput, heatmap images and per-image scores.
+
+They observe the LightningModule's outputs and write files into the run folder (atomically)
+and, where a W&B logger is attached, to Weights & Biases.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
+
+from kdad.results import write_csv_atomic
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+class SpeedMonitor(L.Callback):
+    """Measures training and test throughput for metrics.json.
+
+    - ``train_seconds``: wall time of ``fit`` (everything from the first hook to the last,
+      validation and one-off work such as building a feature bank included);
+    - ``train_images_per_second``: training images processed divided by the time of the
+      training loop alone (data loading included, validation excluded);
+    - ``test_images_per_second``: test images divided by the time from the start of the test
+      loop to the end of its last batch (loading, maps, scores, metric updates; the final
+      metric computation excluded).
+    """
+
+    def __init__(self) -> None:
+        self.test_images_per_second = float("nan")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _sync(pl_module.device)
+        self._fit_start = time.perf_counter()
+        self._val_seconds = 0.0
+        self._train_images = 0
+        self._train_loop_start: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._train_loop_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self._train_images += len(batch["image"])
+        self._publish(pl_module, time.perf_counter())
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._val_start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and hasattr(self, "_val_start"):
+            self._val_seconds += time.perf_counter() - self._val_start
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _sync(pl_module.device)
+        self._publish(pl_module, time.perf_counter())
+
+    def _publish(self, pl_module: L.LightningModule, now: float) -> None:
+        loop = max(now - (self._train_loop_start or self._fit_start) - self._val_seconds, 1e-9)
+        pl_module.train_stats = {
+            "train_seconds": now - self._fit_start,
+            "train_images_per_second": self._train_images / loop,
+            "train_images": float(self._train_images),
+        }
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _sync(pl_module.device)
+        self._test_start = time.perf_counter()
+        self._test_images = 0
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        self._test_images += len(batch["image"])
+        _sync(pl_module.device)
+        self.test_images_per_second = self._test_images / max(time.perf_counter() - self._test_start, 1e-9)
+
+
+def colorize(heat: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """(H,W) floats -> (H,W,3) uint8 with the jet colormap on a fixed [vmin, vmax] scale."""
+    from matplotlib import colormaps  # imported lazily: only needed when images are written
+
+    scaled = np.clip((heat - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
+    return (colormaps["jet"](scaled)[..., :3] * 255).astype(np.uint8)
+
+
+def heatmap_panel(image: np.ndarray, mask: np.ndarray, heat: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """Input | ground truth | heatmap over the input, side by side (uint8 HxWx3 each)."""
+    gt = np.repeat((mask > 0.5).astype(np.uint8)[..., None] * 255, 3, axis=2)
+    overlay = (0.5 * image.astype(np.float32) + 0.5 * colorize(heat, vmin, vmax)).astype(np.uint8)
+    return np.concatenate([image, gt, overlay], axis=1)
+
+
+class HeatmapWriter(L.Callback):
+    """Saves ``num_images`` test samples as PNG panels (input | ground truth | heatmap).
+
+    Anomalous and normal samples are taken half and half (in test order), and all panels share
+    one colour scale (min and max over the chosen maps), so a normal image looks calm next to
+    a defect instead of being stretched to full red. Files go to ``dirpath`` and, with a W&B
+    logger, to the run as ``test/heatmaps``.
+    """
+
+    def __init__(self, dirpath: str, num_images: int = 16) -> None:
+        self.dirpath = Path(dirpath)
+        self.num_images = int(num_images)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._kept: list[dict[str, Any]] = []
+        self._counts = {0: 0, 1: 0}
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        if self.num_images <= 0 or not trainer.is_global_zero:
+            return
+        quota = {1: (self.num_images + 1) // 2, 0: self.num_images // 2}
+        preprocess = trainer.datamodule.preprocess if trainer.datamodule else None
+        for i, label in enumerate(batch["label"].tolist()):
+            label = int(label > 0)
+            if self._counts[label] >= quota[label] or preprocess is None:
+                continue
+            self._counts[label] += 1
+            self._kept.append(
+                {
+                    "image": preprocess.denormalize(batch["image"][i].cpu()),
+                    "mask": batch["mask"][i, 0].cpu().numpy(),
+                    "map": outputs["anomaly_maps"][i, 0].float().cpu().numpy(),
+                    "score": float(outputs["pred_scores"][i]),
+                    "path": str(batch["path"][i]),
+                    "defect": str(batch["defect_type"][i]),
+                }
+            )
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not getattr(self, "_kept", None) or not trainer.is_global_zero:
+            return
+        vmin = min(float(k["map"].min()) for k in self._kept)
+        vmax = max(float(k["map"].max()) for k in self._kept)
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        files, captions = [], []
+        for index, kept in enumerate(self._kept):
+            panel = heatmap_panel(kept["image"], kept["mask"], kept["map"], vmin, vmax)
+            name = f"{index:03d}_{kept['defect']}_{Path(kept['path']).stem}.png"
+            target = self.dirpath / name
+            tmp = target.with_name(f".{name}.tmp.png")
+            Image.fromarray(panel).save(tmp)
+            tmp.replace(target)
+            files.append(str(target))
+            captions.append(f"{kept['defect']} {Path(kept['path']).name} score={kept['score']:.4g}")
+        for logger in _wandb_loggers(trainer):
+            logger.log_image(key="test/heatmaps", images=files, caption=captions)
+
+
+class ScoreWriter(L.Callback):
+    """Writes every test image's raw score to ``scores.csv`` (and a W&B table)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._rows: list[list[Any]] = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        scores = outputs["pred_scores"].float().cpu().tolist()
+        for path, defect, label, score in zip(batch["path"], batch["defect_type"], batch["label"].tolist(), scores, strict=True):
+            self._rows.append([str(path), str(defect), int(label), float(score)])
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        header = ["path", "defect_type", "label", "score"]
+        write_csv_atomic(self.path, header, self._rows)
+        for logger in _wandb_loggers(trainer):
+            logger.log_table(key="test/scores", columns=header, data=self._rows)
+
+
+def metrics_from(trainer: L.Trainer, prefix: str = "test/") -> Mapping[str, float]:
+    """The logged metrics under ``prefix``, as plain floats keyed without the prefix."""
+    return {k[len(prefix) :]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}

@@ -1,0 +1,161 @@
+"""What the Hydra entry points share: config location, resolvers, user-error handling, wiring.
+
+User errors (:class:`kdad.errors.KDADError`) never show a traceback: the job prints one line
+``kdad: error: ...`` to stderr, leaves a ``FAILED`` file with that line in its run folder (so a
+sweep's folder says which jobs failed and why), and the command exits with status 2 once all
+jobs have run. One failing job of a multirun does not stop the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from kdad.errors import KDADError, one_line
+from kdad.results import write_text_atomic
+
+log = logging.getLogger("kdad")
+
+# The config tree: conf/ beside the package in a source checkout (editable install).
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+FAILED: list[str] = []
+
+
+def _run_group() -> str:
+    """A W&B group shared by all jobs of one multirun: the sweep folder's name."""
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:
+        return "interactive"
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return Path(hydra_cfg.sweep.dir).name
+    return Path(hydra_cfg.run.dir).name
+
+
+def _tags(*values: Any) -> list[str]:
+    tags: list[str] = []
+    for value in values:
+        items = value if isinstance(value, list | tuple | ListConfig) else [value]
+        for item in items:
+            if item not in (None, "") and str(item) not in tags:
+                tags.append(str(item))
+    return tags
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("kdad_run_group"):
+        OmegaConf.register_new_resolver("kdad_run_group", _run_group)
+    if not OmegaConf.has_resolver("kdad_tags"):
+        OmegaConf.register_new_resolver("kdad_tags", _tags)
+
+
+def output_dir() -> Path:
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path.cwd()
+
+
+def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Run ``task``; turn a user error into one line, a FAILED file and a later exit code 2."""
+
+    def wrapper(cfg: DictConfig) -> Any:
+        try:
+            return task(cfg)
+        except KDADError as exc:
+            message = one_line(exc)
+        except Exception as exc:
+            # DataLoader workers and some libraries re-raise our error wrapped in their own.
+            if "KDADError" not in f"{type(exc).__name__}{exc}":
+                raise
+            message = one_line(exc)
+        finally:
+            _finish_wandb()
+        print(f"kdad: error: {message}", file=sys.stderr, flush=True)
+        try:
+            write_text_atomic(output_dir() / "FAILED", message + "\n")
+        except OSError:
+            pass
+        FAILED.append(message)
+        return float("nan")
+
+    wrapper.__name__ = getattr(task, "__name__", "task")
+    return wrapper
+
+
+def exit_if_failed() -> None:
+    if FAILED:
+        if len(FAILED) > 1:
+            print(f"kdad: {len(FAILED)} job(s) failed (see FAILED files in the sweep folder)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _finish_wandb() -> None:
+    """Close this job's W&B run so the next job of a multirun starts its own (and never hangs)."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def instantiate_group(group: DictConfig | None, what: str) -> list[Any]:
+    """Instantiate every entry of a callbacks/logger group that names a ``_target_``."""
+    objects: list[Any] = []
+    if not group:
+        return objects
+    if not isinstance(group, DictConfig):
+        raise KDADError(f"{what} must be a mapping of name -> config, got {type(group).__name__}")
+    for name, conf in group.items():
+        if isinstance(conf, DictConfig) and "_target_" in conf:
+            objects.append(instantiate(conf))
+        elif isinstance(conf, DictConfig):
+            log.debug("%s.%s has no _target_; skipped", what, name)
+    return objects
+
+
+def prepare_wandb(cfg: DictConfig) -> None:
+    """Run W&B offline when no account is configured, instead of prompting or failing."""
+    if not cfg.get("logger") or "wandb" not in cfg.logger:
+        return
+    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return
+    os.environ["WANDB_MODE"] = "offline"
+    log.warning("W&B: no account configured; logging offline. Upload later with: wandb sync %s/wandb/offline-run-*", output_dir())
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {"model.backbone": ..., "data.category": ...} for loggers' columns."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig | ListConfig) else cfg
+    flat: dict[str, Any] = {}
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, list | tuple) and not all(isinstance(v, str | int | float | bool) for v in value):
+            for i, v in enumerate(value):
+                walk(v, f"{key}.{i}")
+        else:
+            flat[key] = list(value) if isinstance(value, tuple) else value
+
+    walk(container, prefix)
+    return flat
+
+
+def check_keys(cfg: DictConfig, required: Iterable[str]) -> None:
+    for key in required:
+        if OmegaConf.select(cfg, key, throw_on_missing=False) is None:
+            raise KDADError(f"missing config key {key}")

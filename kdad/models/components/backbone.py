@@ -1,0 +1,153 @@
+"""Frozen ImageNet teachers and randomly initialised students from timm.
+
+Every variant's teacher is a timm backbone built with ``features_only=True``; ``layers`` picks
+the feature stages (timm ``out_indices``, e.g. ``[1, 2, 3]`` = ``layer1..layer3`` of a ResNet,
+or their module names). The teacher is frozen and stays in eval mode whatever ``.train()`` is
+called with: its BatchNorm statistics are part of what the student must reproduce.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from kdad.errors import KDADError
+
+LayerSpec = Sequence[int | str]
+
+
+def _out_indices(name: str, layers: LayerSpec) -> tuple[int, ...]:
+    """timm ``out_indices`` for ``layers`` given as stage indices or module names."""
+    if all(isinstance(layer, int) for layer in layers):
+        return tuple(int(layer) for layer in layers)
+    probe = _create(name, pretrained=False, features_only=True)
+    names = probe.feature_info.module_name()
+    missing = [layer for layer in layers if str(layer) not in names]
+    if missing:
+        raise KDADError(
+            f"model.layers={list(layers)}: {missing} not a feature stage of {name}; "
+            f"valid: {names} (or their indices 0..{len(names) - 1})"
+        )
+    return tuple(names.index(str(layer)) for layer in layers)
+
+
+def _create(name: str, **kwargs) -> nn.Module:
+    try:
+        return timm.create_model(name, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise KDADError(
+                f"model.backbone={name!r} is not a timm model (see timm.list_models())"
+            ) from None
+        raise
+
+
+def create_feature_extractor(
+    name: str,
+    layers: LayerSpec,
+    pretrained: bool = False,
+    weights_path: str | None = None,
+) -> nn.Module:
+    """A timm ``features_only`` network returning the feature maps of ``layers``.
+
+    ``pretrained=True`` downloads timm's weights for ``name`` (a tag such as ``.tv_in1k`` picks
+    the torchvision ImageNet weights the official RD4AD/STFPM code used); ``weights_path`` loads
+    a local ``.pth``/``.safetensors`` file instead, for machines without internet.
+    """
+    out_indices = _out_indices(name, layers)
+    if weights_path:
+        path = Path(os.path.expanduser(str(weights_path)))
+        if not path.is_file():
+            raise KDADError(f"model.weights_path={path}: no such file (expected a .pth or .safetensors state dict)")
+        try:
+            return _create(
+                name,
+                pretrained=True,
+                features_only=True,
+                out_indices=out_indices,
+                pretrained_cfg_overlay={"file": str(path)},
+            )
+        except KDADError:
+            raise
+        except Exception as exc:
+            raise KDADError(
+                f"model.weights_path={path}: could not load it into {name} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+            ) from None
+    if not pretrained:
+        return _create(name, pretrained=False, features_only=True, out_indices=out_indices)
+    try:
+        return _create(name, pretrained=True, features_only=True, out_indices=out_indices)
+    except KDADError:
+        raise
+    except Exception as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise KDADError(
+            f"could not fetch pretrained weights for model.backbone={name} ({type(exc).__name__}: {reason}); "
+            "set model.pretrained=false for random weights, or model.weights_path=/path/to/weights.pth "
+            "to load a local file"
+        ) from None
+
+
+class Teacher(nn.Module):
+    """Frozen feature extractor: no parameter requires grad, always in eval mode."""
+
+    def __init__(
+        self,
+        backbone: str,
+        layers: LayerSpec,
+        pretrained: bool = True,
+        weights_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.encoder = create_feature_extractor(backbone, layers, pretrained, weights_path)
+        self.encoder.requires_grad_(False)
+        self.encoder.eval()
+
+    @property
+    def channels(self) -> list[int]:
+        return list(self.encoder.feature_info.channels())
+
+    @property
+    def reductions(self) -> list[int]:
+        return list(self.encoder.feature_info.reduction())
+
+    def train(self, mode: bool = True) -> Teacher:
+        # The teacher's BatchNorm statistics are the target: never let them update.
+        super().train(False)
+        return self
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> list[Tensor]:
+        return list(self.encoder(images))
+
+
+@dataclass(frozen=True)
+class ResNetSpec:
+    """The block structure of a ResNet-family teacher, mirrored by RD4AD's bottleneck/decoder."""
+
+    block: str  # "basic" or "bottleneck"
+    layers: tuple[int, ...]  # blocks in layer1..layer3
+    width_per_group: int
+    groups: int
+
+
+def resnet_spec(encoder: nn.Module) -> ResNetSpec | None:
+    """Read block type, depth and width from a timm ResNet; None for other families."""
+    stages = [getattr(encoder, f"layer{i}", None) for i in (1, 2, 3)]
+    if any(stage is None for stage in stages):
+        return None
+    first = stages[0][0]
+    kind = type(first).__name__
+    if kind == "Bottleneck":
+        groups = first.conv2.groups
+        # layer1 has planes=64 and width = planes * width_per_group / 64 * groups.
+        return ResNetSpec("bottleneck", tuple(len(s) for s in stages), first.conv1.out_channels // groups, groups)
+    if kind == "BasicBlock":
+        return ResNetSpec("basic", tuple(len(s) for s in stages), 64, 1)
+    return None

@@ -1,0 +1,95 @@
+"""RD4AD: Anomaly Detection via Reverse Distillation from One-Class Embedding.
+
+Deng & Li, CVPR 2022; official code hq-deng/RD4AD. The frozen teacher encoder E yields
+features of stages 1-3; the trainable one-class bottleneck embedding (OCBE, sec. 3.2) fuses
+them into a compact code; the student decoder D mirrors E and restores the multi-scale
+features from that code (reverse distillation, sec. 3.1). Training minimises, per image,
+eq. 2 summed over stages (eq. 3):
+
+    L = sum_k  1 - cos( vec(f_E^k), vec(f_D^k) )
+
+and at test time the map is sum_k (1 - cos) along channels, upsampled and smoothed (sec. 3.3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdad.errors import KDADError
+from kdad.models.base import DistillationModel, FeaturePairs
+from kdad.models.components.backbone import Teacher, resnet_spec
+from kdad.models.components.bottleneck import OneClassBottleneck
+from kdad.models.components.decoder import ReverseDecoder
+
+
+def reverse_distillation_loss(pairs: FeaturePairs) -> Tensor:
+    """Official ``loss_fucntion``: sum over stages of the batch mean of 1 - cos of flattened maps."""
+    loss = pairs[0][0].new_zeros(())
+    for target, prediction in pairs:
+        cos = F.cosine_similarity(target.flatten(1), prediction.flatten(1), dim=1)
+        loss = loss + (1.0 - cos).mean()
+    return loss
+
+
+class ReverseDistillation(DistillationModel):
+    """Teacher encoder -> OCBE -> student decoder, compared stage by stage.
+
+    Args:
+        backbone: timm name of the teacher (default the torchvision weights the official code
+            loads: ``wide_resnet50_2.tv_in1k``).
+        layers: teacher stages (exactly three).
+        pretrained, weights_path: teacher weights (see :class:`Teacher`).
+        bottleneck_blocks: OCE blocks; ``None`` = official (2 for resnet18, else 3).
+        decoder_layers: blocks per decoder stage; ``None`` = the teacher's (3/4/6 for wrn50).
+        official_unused_layer: keep the official OCBE's unused ``conv4``/``bn4`` (see
+            :class:`OneClassBottleneck`) so parameter counts match the official code.
+        distance, anomaly_map: see :class:`DistillationModel`.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2.tv_in1k",
+        layers: Sequence[int | str] = (1, 2, 3),
+        pretrained: bool = True,
+        weights_path: str | None = None,
+        bottleneck_blocks: int | None = None,
+        decoder_layers: Sequence[int] | None = None,
+        official_unused_layer: bool = True,
+        distance: str = "cosine",
+        anomaly_map: Mapping | None = None,
+    ) -> None:
+        super().__init__(distance, anomaly_map)
+        if len(layers) != 3:
+            raise KDADError(f"model.layers={list(layers)}: RD4AD's bottleneck fuses exactly 3 teacher stages")
+        self.teacher = Teacher(backbone, layers, pretrained, weights_path)
+        channels = tuple(self.teacher.channels)
+        reductions = self.teacher.reductions
+        if any(b != 2 * a for a, b in zip(reductions, reductions[1:], strict=False)):
+            raise KDADError(
+                f"model.layers={list(layers)}: RD4AD needs stages that each halve the resolution; "
+                f"{backbone} gives strides {reductions}"
+            )
+        spec = resnet_spec(self.teacher.encoder)
+        block = spec.block if spec else "basic"
+        width, groups = (spec.width_per_group, spec.groups) if spec else (64, 1)
+        default_layers = spec.layers if spec else (2, 2, 2)
+        if bottleneck_blocks is None:
+            bottleneck_blocks = 2 if default_layers == (2, 2, 2) else 3
+        self.bn = OneClassBottleneck(channels, block, bottleneck_blocks, width, groups, official_unused_layer)
+        self.decoder = ReverseDecoder(
+            self.bn.out_channels, channels, block, tuple(decoder_layers or default_layers), width, groups
+        )
+
+    def forward(self, images: Tensor) -> FeaturePairs:
+        targets = self.teacher(images)
+        predictions = self.decoder(self.bn(targets))
+        return list(zip(targets, predictions, strict=True))
+
+    def loss(self, pairs: FeaturePairs) -> Tensor:
+        return reverse_distillation_loss(pairs)
+
+
+__all__ = ["ReverseDistillation", "reverse_distillation_loss"]
