@@ -220,16 +220,16 @@ def test_f1_max_matches_precision_recall_curve(kind: str, seed: int) -> None:
 
 def test_metrics_are_order_only_no_squashing() -> None:
     s, y = _scores_targets("normal", 4000, seed=5)
-    # Far above 1 (a sigmoid would saturate these to exactly 1.0 in float32) and negative.
-    huge = _t(50 + 200 * (s - s.min()), torch.float32)
-    negative = -1000.0 + 5.0 * _t(s, torch.float32)
+    # float64 so that these order-preserving maps create no new ties.
+    huge = _t(50.0 + 200.0 * (s - s.min()))  # > 1: a sigmoid would saturate them to 1.0
+    negative = _t(-1000.0 + 5.0 * s)
     minmax = (huge - huge.min()) / (huge.max() - huge.min())
-    ref = roc_auc_score(y, s)
     for fn in (auroc, average_precision, f1_max):
         values = [fn(x, _t(y)).item() for x in (huge, negative, minmax)]
-        assert values == pytest.approx([values[2]] * 3, abs=1e-9)
-    assert auroc(huge, _t(y)).item() == pytest.approx(ref, abs=1e-6)
+        assert values == pytest.approx([values[2]] * 3, abs=1e-12)
+    assert auroc(huge, _t(y)).item() == pytest.approx(roc_auc_score(y, s), abs=1e-6)
     assert auroc(huge, _t(y)).item() > 0.6  # not 0.5: scores were not squashed into ties
+    assert auroc(torch.sigmoid(huge), _t(y)).item() == 0.5  # what squashing would have done
 
 
 # ------------------------------------------------------------ connected components
@@ -463,8 +463,10 @@ def test_metric_compute_without_samples_is_nan(cls) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchmetrics' own "compute before update" warning
         m = cls()
-    with pytest.warns(UndefinedMetricWarning, match="without any samples"):
-        assert torch.isnan(m.compute())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*called before the ``update``")
+        with pytest.warns(UndefinedMetricWarning, match="without any samples"):
+            assert torch.isnan(m.compute())
 
 
 def test_build_metrics() -> None:
@@ -576,3 +578,21 @@ def test_ddp_gather_equals_single_process(tmp_path: Path) -> None:
         assert set(results) == set(expected)
         for name, value in expected.items():
             assert results[name] == pytest.approx(value, abs=1e-6), (rank, name)
+
+
+# ---------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu() -> None:
+    masks = _random_masks(8, 24, 24, seed=9)
+    maps = _t(_structured_maps(masks, seed=9), torch.float32)
+    m = _t(masks)
+    for fn in (auroc, average_precision, f1_max, aupro):
+        out = fn(maps.cuda(), m.cuda())
+        assert out.device.type == "cuda" and out.dtype == torch.float64
+        assert out.item() == pytest.approx(fn(maps, m).item(), abs=1e-9)
+    metric = AUPRO().cuda()
+    metric.update(maps.cuda(), m.cuda())
+    assert metric.compute().item() == pytest.approx(aupro(maps, m).item(), abs=1e-9)

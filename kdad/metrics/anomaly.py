@@ -1,0 +1,149 @@
+"""Exact anomaly-detection metrics as :class:`torchmetrics.Metric` subclasses.
+
+The metrics are not decomposable into per-batch sums, so every score and target is kept
+and the exact functional metric (:mod:`kdad.metrics.functional`) runs once in
+``compute()``. The states are lists with ``dist_reduce_fx="cat"``: under DDP torchmetrics
+gathers every process's samples before ``compute()``, so each rank returns the metric over
+the whole (distributed) test set. Definitions: scikit-learn for AUROC / AP, the official
+MVTec AD evaluation code for AUPRO (see :mod:`kdad.metrics.functional`).
+
+Memory: scores are stored as float32 and targets / masks as uint8 (uint8 rather than bool
+because not every collective backend gathers bool tensors). Pass ``compute_on_cpu=True``
+(a standard :class:`~torchmetrics.Metric` option) to keep large pixel-level states off the
+GPU. Under DDP, every rank must call ``update`` at least once before ``compute()`` (true
+with a ``DistributedSampler``): torchmetrics cannot gather an empty rank's state together
+with (N,H,W) states of other ranks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from kdad.metrics import functional as F
+from kdad.metrics.functional import UndefinedMetricWarning
+
+__all__ = ["AUPRO", "AUROC", "AveragePrecision", "F1Max"]
+
+
+def _cat_state(state: list[Tensor] | Tensor) -> Tensor | None:
+    """A list state as one tensor (after a DDP sync it already is one); None if empty."""
+    if isinstance(state, Tensor):
+        return state if state.numel() > 0 else None
+    if len(state) == 0:
+        return None
+    return dim_zero_cat(state)
+
+
+def _empty_nan(name: str, device: torch.device) -> Tensor:
+    warnings.warn(
+        f"{name}.compute() called without any samples; returning nan.",
+        UndefinedMetricWarning,
+        stacklevel=3,
+    )
+    return torch.tensor(float("nan"), dtype=torch.float64, device=device)
+
+
+def _check_same_numel(preds: Tensor, target: Tensor) -> None:
+    if preds.numel() != target.numel():
+        raise ValueError(
+            f"preds and target differ in size: {tuple(preds.shape)} vs {tuple(target.shape)}."
+        )
+
+
+class _ScoreMetric(Metric):
+    """Stores flattened scores and binary targets; any input shape (image or pixel level)."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    preds: list[Tensor]
+    target: list[Tensor]
+
+    _fn: Callable[[Tensor, Tensor], Tensor]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("preds", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add a batch: ``preds`` are raw scores (never squashed), ``target`` binary labels."""
+        _check_same_numel(preds, target)
+        # detach: a stored score must not keep a model's autograd graph alive.
+        self.preds.append(preds.detach().reshape(-1).to(torch.float32))
+        self.target.append(F._binarize(target.detach().reshape(-1)).to(torch.uint8))
+
+    def compute(self) -> Tensor:
+        """The metric over all samples of all processes, as a float64 scalar tensor."""
+        preds, target = _cat_state(self.preds), _cat_state(self.target)
+        if preds is None or target is None:
+            return _empty_nan(type(self).__name__, self.device)
+        return self._fn(preds, target)
+
+
+class AUROC(_ScoreMetric):
+    """Exact ROC AUC (equals ``sklearn.metrics.roc_auc_score``), image or pixel level."""
+
+    _fn = staticmethod(F.auroc)
+
+
+class AveragePrecision(_ScoreMetric):
+    """Average precision (equals ``sklearn.metrics.average_precision_score``)."""
+
+    _fn = staticmethod(F.average_precision)
+
+
+class F1Max(_ScoreMetric):
+    """Maximum F1 over all distinct thresholds."""
+
+    _fn = staticmethod(F.f1_max)
+
+
+class AUPRO(Metric):
+    """Normalised area under the PRO curve up to ``fpr_limit`` (MVTec AD definition).
+
+    ``update`` takes anomaly maps and ground-truth masks of shape (N,H,W) or (N,1,H,W).
+    Connected components are computed in ``compute()`` on the gathered masks, so every
+    ground-truth region of the whole test set counts once, whatever process saw it.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    maps: list[Tensor]
+    masks: list[Tensor]
+
+    def __init__(self, fpr_limit: float = 0.3, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 < fpr_limit <= 1.0:
+            raise ValueError(f"fpr_limit must be in (0, 1]; got {fpr_limit}.")
+        self.fpr_limit = float(fpr_limit)
+        self.add_state("maps", default=[], dist_reduce_fx="cat")
+        self.add_state("masks", default=[], dist_reduce_fx="cat")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add a batch of anomaly maps ``preds`` and binary masks ``target``."""
+        maps = F._as_maps(preds.detach(), "preds")
+        masks = F._as_maps(target.detach(), "target")
+        if maps.shape != masks.shape:
+            raise ValueError(
+                f"preds and target differ in shape: {tuple(maps.shape)} vs {tuple(masks.shape)}."
+            )
+        self.maps.append(maps.to(torch.float32))
+        self.masks.append(F._binarize(masks).to(torch.uint8))
+
+    def compute(self) -> Tensor:
+        """AUPRO over all images of all processes, as a float64 scalar tensor."""
+        maps, masks = _cat_state(self.maps), _cat_state(self.masks)
+        if maps is None or masks is None:
+            return _empty_nan(type(self).__name__, self.device)
+        return F.aupro(maps, masks, fpr_limit=self.fpr_limit)
