@@ -19,10 +19,11 @@ class KDADError(Exception):
 def one_line(exc: BaseException) -> str:
     """The user-facing line of ``exc``, also when a DataLoader worker re-raised it.
 
-    PyTorch re-raises worker exceptions with the worker's traceback folded into the message;
-    the user's line is then the last line, after the exception's qualified name.
+    PyTorch re-raises worker exceptions with the worker's traceback folded into the message
+    (and :class:`KDADError` folds that onto one line); the user's message is what follows the
+    last ``KDADError:``.
     """
-    text = str(exc).strip()
-    last = text.splitlines()[-1] if text else type(exc).__name__
-    prefix = "kdad.errors.KDADError: "
-    return last[len(prefix) :] if last.startswith(prefix) else last
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    marker = "KDADError: "
+    index = text.rfind(marker)
+    return text[index + len(marker) :] if index >= 0 else text
