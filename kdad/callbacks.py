@@ -7,7 +7,6 @@ and, where a W&B logger is attached, to Weights & Biases.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +53,7 @@ class SpeedMonitor(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._train_loop_start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._train_images += len(batch["image"])
         self._publish(pl_module, time.perf_counter())
 
@@ -83,7 +82,7 @@ class SpeedMonitor(L.Callback):
         self._test_start = time.perf_counter()
         self._test_images = 0
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._test_images += len(batch["image"])
         _sync(pl_module.device)
         self.test_images_per_second = self._test_images / max(time.perf_counter() - self._test_start, 1e-9)
@@ -107,9 +106,9 @@ def heatmap_panel(image: np.ndarray, mask: np.ndarray, heat: np.ndarray, vmin: f
 class HeatmapWriter(L.Callback):
     """Saves ``num_images`` test samples as PNG panels (input | ground truth | heatmap).
 
-    Anomalous and normal samples are taken half and half (in test order), and all panels share
-    one colour scale (min and max over the chosen maps), so a normal image looks calm next to
-    a defect instead of being stretched to full red. Files go to ``dirpath`` and, with a W&B
+    Half are anomalous, taken in turn from each defect type, half normal; all panels share one
+    colour scale (min and max over the chosen maps), so a normal image looks calm next to a
+    defect instead of being stretched to full red. Files go to ``dirpath`` and, with a W&B
     logger, to the run as ``test/heatmaps``.
     """
 
@@ -118,38 +117,48 @@ class HeatmapWriter(L.Callback):
         self.num_images = int(num_images)
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._kept: list[dict[str, Any]] = []
-        self._counts = {0: 0, 1: 0}
+        self._candidates: dict[str, list[dict[str, Any]]] = {}
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
-        if self.num_images <= 0 or not trainer.is_global_zero:
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        preprocess = getattr(trainer.datamodule, "preprocess", None)
+        if self.num_images <= 0 or not trainer.is_global_zero or preprocess is None:
             return
-        quota = {1: (self.num_images + 1) // 2, 0: self.num_images // 2}
-        preprocess = trainer.datamodule.preprocess if trainer.datamodule else None
-        for i, label in enumerate(batch["label"].tolist()):
-            label = int(label > 0)
-            if self._counts[label] >= quota[label] or preprocess is None:
-                continue
-            self._counts[label] += 1
-            self._kept.append(
+        for i, defect in enumerate(batch["defect_type"]):
+            group = "good" if int(batch["label"][i]) == 0 else str(defect)
+            kept = self._candidates.setdefault(group, [])
+            if len(kept) >= self.num_images:
+                continue  # enough of this kind to choose from
+            kept.append(
                 {
                     "image": preprocess.denormalize(batch["image"][i].cpu()),
                     "mask": batch["mask"][i, 0].cpu().numpy(),
                     "map": outputs["anomaly_maps"][i, 0].float().cpu().numpy(),
                     "score": float(outputs["pred_scores"][i]),
                     "path": str(batch["path"][i]),
-                    "defect": str(batch["defect_type"][i]),
+                    "defect": group,
                 }
             )
 
+    def _choose(self) -> list[dict[str, Any]]:
+        normals = self._candidates.get("good", [])
+        defects = [self._candidates[k] for k in sorted(self._candidates) if k != "good"]
+        want_defects = self.num_images - min(len(normals), self.num_images // 2)
+        chosen: list[dict[str, Any]] = []
+        for rank in range(self.num_images):  # round-robin over defect types
+            for group in defects:
+                if rank < len(group) and len(chosen) < want_defects:
+                    chosen.append(group[rank])
+        return chosen + normals[: self.num_images - len(chosen)]
+
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not getattr(self, "_kept", None) or not trainer.is_global_zero:
+        if not getattr(self, "_candidates", None) or not trainer.is_global_zero:
             return
-        vmin = min(float(k["map"].min()) for k in self._kept)
-        vmax = max(float(k["map"].max()) for k in self._kept)
+        chosen = self._choose()
+        vmin = min(float(k["map"].min()) for k in chosen)
+        vmax = max(float(k["map"].max()) for k in chosen)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         files, captions = [], []
-        for index, kept in enumerate(self._kept):
+        for index, kept in enumerate(chosen):
             panel = heatmap_panel(kept["image"], kept["mask"], kept["map"], vmin, vmax)
             name = f"{index:03d}_{kept['defect']}_{Path(kept['path']).stem}.png"
             target = self.dirpath / name
@@ -171,7 +180,7 @@ class ScoreWriter(L.Callback):
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._rows: list[list[Any]] = []
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         scores = outputs["pred_scores"].float().cpu().tolist()
         for path, defect, label, score in zip(batch["path"], batch["defect_type"], batch["label"].tolist(), scores, strict=True):
             self._rows.append([str(path), str(defect), int(label), float(score)])
@@ -183,8 +192,3 @@ class ScoreWriter(L.Callback):
         write_csv_atomic(self.path, header, self._rows)
         for logger in _wandb_loggers(trainer):
             logger.log_table(key="test/scores", columns=header, data=self._rows)
-
-
-def metrics_from(trainer: L.Trainer, prefix: str = "test/") -> Mapping[str, float]:
-    """The logged metrics under ``prefix``, as plain floats keyed without the prefix."""
-    return {k[len(prefix) :]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}

@@ -11,6 +11,7 @@ is self-describing: :func:`kdad.checkpoint.load_module` rebuilds it without the 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,9 @@ from torch import Tensor, nn
 from kdad.errors import KDADError
 from kdad.metrics import METRIC_LEVEL, build_metrics
 from kdad.models.base import DistillationModel
+
+# The frozen teacher is in eval mode on purpose (its BatchNorm statistics are the target).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def build_net(model: Mapping[str, Any]) -> DistillationModel:
@@ -65,6 +69,7 @@ class DistillationModule(L.LightningModule):
         self.net = build_net(model)
         self.test_metrics = nn.ModuleDict(build_metrics())
         self.train_stats: dict[str, float] = {}
+        self.test_results: dict[str, float] = {}
 
     # --- training -------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -109,8 +114,11 @@ class DistillationModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         for name, metric in self.test_metrics.items():
-            # torchmetrics gathers the states of all processes before computing.
-            self.log(f"test/{name}", metric.compute().float(), sync_dist=False)
+            # torchmetrics gathers the states of all processes before computing; the exact
+            # float64 value goes to metrics.json, the logged copy is float32.
+            value = metric.compute()
+            self.test_results[name] = float(value)
+            self.log(f"test/{name}", value.float(), sync_dist=False)
 
     # --- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from kdad import cli
-from kdad.callbacks import SpeedMonitor, metrics_from
+from kdad.callbacks import SpeedMonitor
 from kdad.errors import KDADError
 from kdad.lightning_module import DistillationModule
 from kdad.results import build_results, write_json_atomic, write_text_atomic
@@ -36,10 +36,10 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DistillationModule:
     )
 
 
-def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback]) -> L.Trainer:
+def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback], **overrides: Any) -> L.Trainer:
     callbacks = cli.instantiate_group(cfg.get("callbacks"), "callbacks") + extra_callbacks
     loggers = cli.instantiate_group(cfg.get("logger"), "logger")
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
 def log_run_config(trainer: L.Trainer, cfg: DictConfig, module: DistillationModule) -> None:
@@ -61,7 +61,7 @@ def write_run_results(
         data=datamodule.dataset_name,
         category=datamodule.category_name,
         seed=int(cfg.seed),
-        metrics=metrics_from(trainer),
+        metrics=module.test_results,
         train_stats=module.train_stats,
         test_images_per_second=speed.test_images_per_second,
         params_trainable=module.net.num_parameters(trainable=True),
@@ -100,13 +100,14 @@ def train(cfg: DictConfig) -> float | None:
 
     module = build_module(cfg, datamodule)
     speed = SpeedMonitor()
-    trainer = build_trainer(cfg, [speed])
+    # Without validation images, tell Lightning so instead of letting it warn about an empty loader.
+    trainer = build_trainer(cfg, [speed], **({"limit_val_batches": 0} if datamodule.val_dataset is None else {}))
     log_run_config(trainer, cfg, module)
 
     ckpt_dir = out / "checkpoints"
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, ckpt_dir))
     final = ckpt_dir / "last.ckpt"
-    trainer.save_checkpoint(final)  # the final weights, whatever the checkpoint schedule
+    trainer.save_checkpoint(final, weights_only=False)  # final weights + optimizer state, for resuming
 
     if not cfg.get("test", True):
         return None

@@ -55,7 +55,7 @@ def test_stfpm_shapes() -> None:
 
 
 @pytest.mark.parametrize("make", [lambda: ReverseDistillation("resnet18", pretrained=False), lambda: STFPM("resnet18", pretrained=False)])
-def test_only_student_gets_gradients_and_teacher_stays_eval(make) -> None:  # noqa: ANN001
+def test_only_student_gets_gradients_and_teacher_stays_eval(make) -> None:
     model = make()
     model.train()
     assert not model.teacher.training
@@ -111,7 +111,7 @@ def test_pretrained_without_network_names_the_fix(monkeypatch: pytest.MonkeyPatc
     assert "\n" not in message
 
 
-def test_local_weights_file_is_loaded(tmp_path) -> None:  # noqa: ANN001
+def test_local_weights_file_is_loaded(tmp_path) -> None:
     import timm
 
     source = timm.create_model("resnet18", pretrained=False)

@@ -62,5 +62,5 @@ class DistillationModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if trainable is None or p.requires_grad == trainable)
 
     @torch.no_grad()
-    def before_fit(self, train_loader) -> None:  # noqa: B027 - optional hook
+    def before_fit(self, train_loader) -> None:
         """Called once before training with the training loader (e.g. to build a feature bank)."""
