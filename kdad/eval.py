@@ -41,8 +41,7 @@ def evaluate(cfg: DictConfig) -> float | None:
     speed = SpeedMonitor()
     trainer = build_trainer(cfg, [speed])
     trainer.test(module, datamodule=datamodule)
-    cfg_for_results = OmegaConf.merge(cfg, {"model_name": module.hparams.model_name})
-    results = write_run_results(cfg_for_results, trainer, module, datamodule, speed)
+    results = write_run_results(cfg.seed, trainer, module, datamodule, speed)
     metric = cfg.get("optimized_metric")
     return float(results[metric]) if metric else None
 

@@ -54,13 +54,14 @@ def log_run_config(trainer: L.Trainer, cfg: DictConfig, module: DistillationModu
 
 
 def write_run_results(
-    cfg: DictConfig, trainer: L.Trainer, module: DistillationModule, datamodule: Any, speed: SpeedMonitor
+    seed: int, trainer: L.Trainer, module: DistillationModule, datamodule: Any, speed: SpeedMonitor
 ) -> dict[str, Any]:
+    """metrics.json in the run folder (and the same numbers to the loggers), from rank 0."""
     results = build_results(
-        model=str(cfg.model_name),
+        model=str(module.hparams.model_name),
         data=datamodule.dataset_name,
         category=datamodule.category_name,
-        seed=int(cfg.seed),
+        seed=int(seed),
         metrics=module.test_results,
         train_stats=module.train_stats,
         test_images_per_second=speed.test_images_per_second,
@@ -72,6 +73,7 @@ def write_run_results(
         for logger in trainer.loggers:
             logger.log_metrics({f"summary/{k}": v for k, v in results.items() if isinstance(v, int | float)})
     log.info("results: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()})
+    log.info("run folder: %s", cli.output_dir())
     return results
 
 
@@ -118,7 +120,7 @@ def train(cfg: DictConfig) -> float | None:
             raise KDADError("test_ckpt=best but no best checkpoint was saved (callbacks.model_checkpoint.monitor is unset)")
         test_ckpt = best
     trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, weights_only=True)
-    results = write_run_results(cfg, trainer, module, datamodule, speed)
+    results = write_run_results(cfg.seed, trainer, module, datamodule, speed)
     metric = cfg.get("optimized_metric")
     if metric:
         if metric not in results:

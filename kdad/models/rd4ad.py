@@ -13,6 +13,7 @@ and at test time the map is sum_k (1 - cos) along channels, upsampled and smooth
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ class ReverseDistillation(DistillationModel):
         self.teacher = Teacher(backbone, layers, pretrained, weights_path)
         channels = tuple(self.teacher.channels)
         reductions = self.teacher.reductions
-        if any(b != 2 * a for a, b in zip(reductions, reductions[1:], strict=False)):
+        if any(b != 2 * a for a, b in itertools.pairwise(reductions)):
             raise KDADError(
                 f"model.layers={list(layers)}: RD4AD needs stages that each halve the resolution; "
                 f"{backbone} gives strides {reductions}"

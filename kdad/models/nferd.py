@@ -1,0 +1,247 @@
+"""NFERD: Normal Feature-Enhanced Reverse teacher-student Distillation.
+
+Wang et al., "Unsupervised Anomaly Detection via Normal Feature-Enhanced Reverse Teacher-Student
+Distillation", Electronics 2024, 13(20):4125, section 3. RD4AD (:mod:`kdad.models.rd4ad`) with
+two additions against its "feature leakage" (the student reproducing anomalous features, so
+that normal regions get flagged):
+
+- a normal feature bank (NFB, :mod:`kdad.models.components.feature_bank`): before training,
+  ``N`` randomly chosen normal training images go through the frozen teacher and their stage
+  1-3 maps are stored; at each decoder stage the ``K`` bank maps most similar to the student's
+  map are recalled and mixed, ``v = sum_k w_k f_k``;
+- a Hybrid Attention Fusion Module (HAFM, :mod:`kdad.models.components.hafm`) per stage that
+  fuses the student map with ``v``: channel and spatial attention in parallel, then combined.
+
+Teacher, OCBE bottleneck, decoder, loss (1 - cos of flattened maps, summed over the three
+stages) and anomaly map are RD4AD's own modules, unchanged. With ``nfb.enabled=false`` and
+``fusion=none`` the model *is* RD4AD: the same parameters, buffers and state-dict keys.
+
+Where the fused map goes (``fused_to_decoder``, the text does not say): by default the fused
+map of a stage is both that stage's prediction (compared with the teacher) and the input of the
+next decoder stage, so recalled normal features steer the whole reconstruction; with
+``false`` the fused map is only the prediction and the decoder continues from the unfused map.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from kdad.errors import KDADError
+from kdad.models.base import FeaturePairs
+from kdad.models.components.feature_bank import NormalFeatureBank, select_bank_images
+from kdad.models.components.hafm import StageFusion
+from kdad.models.rd4ad import ReverseDistillation
+
+log = logging.getLogger("kdad")
+
+NFB_DEFAULTS: dict[str, Any] = {
+    "enabled": True,
+    "size": 16,  # N
+    "top_k": 3,  # K
+    "seed": 0,
+    "weighting": "softmax",
+    "temperature": 1.0,
+    "exclude_self": False,
+}
+HAFM_DEFAULTS: dict[str, Any] = {"combine": "add", "reduction": 16, "kernel_size": 7}
+
+
+def _settings(name: str, given: Mapping | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise KDADError(f"model.{name}: unknown key(s) {unknown}; valid: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+def _images(batch: Any) -> Tensor:
+    """The image tensor of a batch: kdad's dict batches, (images, ...) tuples or a bare tensor."""
+    if isinstance(batch, Mapping):
+        return batch["image"]
+    if isinstance(batch, list | tuple):
+        return batch[0]
+    return batch
+
+
+class NFERD(ReverseDistillation):
+    """RD4AD whose decoder recalls and fuses normal features at each of its three stages.
+
+    Args:
+        backbone, layers, pretrained, weights_path, bottleneck_blocks, decoder_layers,
+        official_unused_layer, distance, anomaly_map: as :class:`ReverseDistillation`.
+        nfb: the normal feature bank: ``enabled``; ``size`` (N, training images stored);
+            ``top_k`` (K, entries recalled); ``seed`` (which images); ``weighting`` (form of
+            ``w``: ``softmax``, ``uniform``, ``linear``) and ``temperature`` (softmax);
+            ``exclude_self`` (in training, an image never recalls its own bank entry).
+        fusion: ``hafm``, ``cbam``, ``add``, ``concat`` or ``none`` (see
+            :mod:`kdad.models.components.hafm`).
+        fused_to_decoder: the fused map also feeds the next decoder stage (see module doc).
+        hafm: HAFM/CBAM settings: ``combine`` (``add`` or ``mul``), ``reduction``, ``kernel_size``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2.tv_in1k",
+        layers: Sequence[int | str] = (1, 2, 3),
+        pretrained: bool = True,
+        weights_path: str | None = None,
+        bottleneck_blocks: int | None = None,
+        decoder_layers: Sequence[int] | None = None,
+        official_unused_layer: bool = True,
+        nfb: Mapping[str, Any] | None = None,
+        fusion: str = "hafm",
+        fused_to_decoder: bool = True,
+        hafm: Mapping[str, Any] | None = None,
+        distance: str = "cosine",
+        anomaly_map: Mapping | None = None,
+    ) -> None:
+        super().__init__(
+            backbone,
+            layers,
+            pretrained,
+            weights_path,
+            bottleneck_blocks,
+            decoder_layers,
+            official_unused_layer,
+            distance,
+            anomaly_map,
+        )
+        nfb_cfg = _settings("nfb", nfb, NFB_DEFAULTS)
+        hafm_cfg = _settings("hafm", hafm, HAFM_DEFAULTS)
+        self.nfb_enabled = bool(nfb_cfg["enabled"])
+        self.nfb_size, self.nfb_top_k = int(nfb_cfg["size"]), int(nfb_cfg["top_k"])
+        self.nfb_seed, self.exclude_self = int(nfb_cfg["seed"]), bool(nfb_cfg["exclude_self"])
+        self.fused_to_decoder = bool(fused_to_decoder)
+        if self.nfb_enabled:
+            if self.nfb_size < 1 or not 1 <= self.nfb_top_k <= self.nfb_size:
+                raise KDADError(
+                    f"model.nfb: need 1 <= top_k <= size, got size={self.nfb_size}, top_k={self.nfb_top_k}"
+                )
+            if fusion == "none":
+                raise KDADError(
+                    "model.fusion=none with model.nfb.enabled=true would discard the recalled normal "
+                    "features: choose a fusion (hafm, cbam, add, concat) or set model.nfb.enabled=false"
+                )
+        channels = tuple(self.teacher.channels)  # student stage i has teacher stage i's channels
+        self.banks: nn.ModuleList | None = None
+        if self.nfb_enabled:
+            self.banks = nn.ModuleList(
+                NormalFeatureBank(c, c, self.nfb_top_k, nfb_cfg["weighting"], float(nfb_cfg["temperature"]))
+                for c in channels
+            )
+        self.fusions = nn.ModuleList(
+            StageFusion(
+                fusion,
+                c,
+                self.nfb_enabled,
+                int(hafm_cfg["reduction"]),
+                int(hafm_cfg["kernel_size"]),
+                hafm_cfg["combine"],
+            )
+            for c in channels
+        )
+        if not self.nfb_enabled and fusion in ("add", "concat"):
+            log.warning("model.fusion=%s without the normal feature bank has nothing to fuse: this is RD4AD", fusion)
+
+    @property
+    def decoder_stages(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """The decoder's stages from the bottleneck outwards: they produce teacher stages 3, 2, 1."""
+        return self.decoder.layer1, self.decoder.layer2, self.decoder.layer3
+
+    # --- the normal feature bank ------------------------------------------------------------
+    @property
+    def bank_ready(self) -> bool:
+        return self.banks is None or all(bank.size > 0 for bank in self.banks)
+
+    @torch.no_grad()
+    def before_fit(self, train_loader: DataLoader) -> None:
+        """Build the bank from ``N`` images of ``train_loader``'s dataset (the training split).
+
+        The images are picked by :func:`select_bank_images` from ``nfb.seed`` and the dataset's
+        own order, never from the loader's shuffled order, and read in a fixed order.
+        """
+        if self.banks is None:
+            return
+        dataset = getattr(train_loader, "dataset", None)
+        try:
+            num_images = len(dataset)
+        except TypeError:
+            raise KDADError("model.nfb: the training loader's dataset must be indexable with a length") from None
+        if num_images == 0:
+            raise KDADError("model.nfb: no training images to build the normal feature bank from")
+        indices = select_bank_images(num_images, self.nfb_size, self.nfb_seed)
+        if len(indices) < self.nfb_size:
+            log.warning("model.nfb.size=%d but only %d training images: the bank holds all of them", self.nfb_size, num_images)
+        if min(self.nfb_top_k, len(indices)) < self.nfb_top_k:
+            log.warning("model.nfb.top_k=%d > bank size %d: recalling all entries", self.nfb_top_k, len(indices))
+        loader = DataLoader(
+            Subset(dataset, indices),
+            batch_size=train_loader.batch_size or 16,
+            shuffle=False,
+            num_workers=train_loader.num_workers,
+            collate_fn=train_loader.collate_fn,
+        )
+        device = next(self.teacher.parameters()).device
+        per_stage: list[list[Tensor]] = [[] for _ in self.banks]
+        for batch in loader:
+            for stage, maps in enumerate(self.teacher(_images(batch).to(device))):
+                per_stage[stage].append(maps)
+        teacher_maps = [torch.cat(maps) for maps in per_stage]
+        for bank, maps, size in zip(self.banks, teacher_maps, self._student_sizes(teacher_maps), strict=True):
+            bank.store(maps, size)
+        samples = getattr(dataset, "samples", None)
+        if samples is not None:
+            names = [str(getattr(samples[i], "image_path", i)) for i in indices]
+            log.info("normal feature bank: %d training images (seed %d): %s", len(indices), self.nfb_seed, names)
+
+    def _student_sizes(self, teacher_maps: list[Tensor]) -> list[tuple[int, int]]:
+        """Spatial size of each student stage, in teacher order, from one probe image."""
+        modules = [*self.bn.modules(), *self.decoder.modules()]
+        modes = [m.training for m in modules]
+        self.bn.eval()  # no BatchNorm statistics update from the probe
+        self.decoder.eval()
+        try:
+            x = self.bn([maps[:1] for maps in teacher_maps])
+            sizes = []
+            for layer in self.decoder_stages:
+                x = layer(x)
+                sizes.append(tuple(x.shape[-2:]))
+        finally:
+            for module, mode in zip(modules, modes, strict=True):
+                module.training = mode
+        return sizes[::-1]
+
+    def _own_entries(self, targets: list[Tensor]) -> Tensor:
+        """(B, N) bool: which bank entries are the batch's own images (identical deepest teacher map)."""
+        stored = self.banks[-1].features
+        deepest = targets[-1]
+        if deepest.shape[-2:] != stored.shape[-2:]:
+            deepest = F.interpolate(deepest, size=stored.shape[-2:], mode="bilinear", align_corners=False)
+        sim = F.normalize(deepest.flatten(1), dim=1) @ F.normalize(stored.flatten(1).to(deepest.dtype), dim=1).T
+        return sim > 1 - 1e-4
+
+    # --- the variant's interface -------------------------------------------------------------
+    def forward(self, images: Tensor) -> FeaturePairs:
+        targets = self.teacher(images)
+        x = self.bn(targets)
+        exclude = None
+        if self.banks is not None and self.exclude_self and self.training:
+            exclude = self._own_entries(targets)
+        predictions: list[Tensor | None] = [None, None, None]
+        for stage, layer in zip((2, 1, 0), self.decoder_stages, strict=True):
+            student = layer(x)
+            recalled = self.banks[stage](student, exclude) if self.banks is not None else None
+            fused = self.fusions[stage](student, recalled)
+            predictions[stage] = fused
+            x = fused if self.fused_to_decoder else student
+        return list(zip(targets, predictions, strict=True))
+
+
+__all__ = ["HAFM_DEFAULTS", "NFB_DEFAULTS", "NFERD"]

@@ -1,0 +1,176 @@
+"""The real entry points, run as a user runs them: kdad-train, kdad-eval, -m, kdad-aggregate.
+
+Each test starts the CLI in a subprocess with tiny settings (resnet18 with random weights,
+64-px synthetic images, one epoch) and checks the files a run leaves behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from wandb_reader import find_run_files, read_run
+
+from kdad.results import RESULT_KEYS
+
+DATA = [
+    "data.image_size=64",
+    "data.num_workers=0",
+    "data.synthetic.resolution=64",
+    "data.synthetic.num_train=16",
+    "data.synthetic.num_test_good=6",
+    "data.synthetic.num_test_per_defect=2",
+]
+TINY = ["model.backbone=resnet18", "model.pretrained=false", *DATA, "trainer.max_epochs=1"]
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for the subprocesses: a shared synthetic-data cache, no network, no account."""
+    cache = tmp_path_factory.mktemp("kdad_cache")
+    return {
+        **os.environ,
+        "KDAD_CACHE_DIR": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DISABLE_GIT": "true",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def run(module: str, args: list[str], env: dict[str, str], cwd: Path, expect: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode != expect:
+        raise AssertionError(f"{module} {args} exited {proc.returncode}, expected {expect}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained_run(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("train_run")
+    run("kdad.train", [*TINY, "logger=csv", f"hydra.run.dir={out}"], env, out)
+    return out
+
+
+def test_train_writes_the_contract_files(trained_run: Path) -> None:
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert tuple(metrics) == RESULT_KEYS  # exactly the contract's keys
+    assert metrics["model"] == "rd" and metrics["data"] == "synthetic" and metrics["category"] == "stripes"
+    for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_ap"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["params_trainable"] == 15_908_480  # RD4AD resnet18, official count
+    assert metrics["params_total"] > metrics["params_trainable"]
+    assert metrics["train_seconds"] > 0 and metrics["train_images_per_second"] > 0 and metrics["test_images_per_second"] > 0
+    assert (trained_run / "config.yaml").read_text().startswith("task_name: train")
+    assert (trained_run / "checkpoints" / "last.ckpt").is_file()
+    panels = sorted((trained_run / "images").glob("*.png"))
+    assert len(panels) == 16
+    assert {p.name.split("_", 1)[1].rsplit("_", 1)[0] for p in panels} >= {"good", "scratch", "hole"}
+    with open(trained_run / "scores.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 + 6 * 2  # every test image once
+    assert {row["label"] for row in rows} == {"0", "1"}
+
+
+def test_eval_reproduces_the_training_run(trained_run: Path, env: dict[str, str], tmp_path: Path) -> None:
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    run("kdad.eval", [*DATA, f"ckpt_path={ckpt}", "logger=none", f"hydra.run.dir={tmp_path}"], env, tmp_path)
+    trained = json.loads((trained_run / "metrics.json").read_text())
+    evaluated = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_ap"):
+        assert math.isclose(trained[key], evaluated[key], abs_tol=1e-6), key
+    assert evaluated["model"] == "rd" and evaluated["train_seconds"] == pytest.approx(trained["train_seconds"], rel=1e-6)
+
+
+def test_eval_rejects_a_checkpoint_of_another_variant(trained_run: Path, env: dict[str, str], tmp_path: Path) -> None:
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    proc = run("kdad.eval", [*DATA, "model=stfpm", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}"], env, tmp_path, expect=2)
+    assert "model=rd checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_checkpoint_loads_with_weights_only(trained_run: Path) -> None:
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["kdad"]["model_name"] == "rd"
+    assert checkpoint["hyper_parameters"]["model"]["backbone"] == "resnet18"
+
+
+def test_multirun_and_aggregate(env: dict[str, str], tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    run(
+        "kdad.train",
+        ["-m", *TINY, "model=rd,stfpm", "data.category=stripes,dots", "logger=none", "callbacks=none", f"hydra.sweep.dir={sweep}"],
+        env,
+        tmp_path,
+    )
+    assert len(list(sweep.rglob("metrics.json"))) == 4
+    proc = run("kdad.aggregate", [str(sweep)], env, tmp_path)
+    with open(sweep / "aggregate.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    cells = [(r["model"], r["category"]) for r in rows if r["category"] != "mean"]
+    assert sorted(cells) == [("rd", "dots"), ("rd", "stripes"), ("stfpm", "dots"), ("stfpm", "stripes")]
+    assert sorted(r["model"] for r in rows if r["category"] == "mean") == ["rd", "stfpm"]
+    for row in rows:
+        assert 0.0 <= float(row["image_auroc_mean"]) <= 1.0
+    assert "| rd | synthetic | stripes |" in proc.stdout and (sweep / "aggregate.md").is_file()
+
+
+def test_wandb_offline_run_holds_the_test_metrics(env: dict[str, str], tmp_path: Path) -> None:
+    run("kdad.train", [*TINY, "logger=wandb", "callbacks=none", f"hydra.run.dir={tmp_path}"], env, tmp_path)
+    files = find_run_files(tmp_path / "wandb")
+    assert len(files) == 1
+    logged = read_run(files[0])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_ap"):
+        assert logged["history"][f"test/{key}"][-1] == pytest.approx(metrics[key], abs=1e-6)
+    assert logged["group"] == tmp_path.name
+    assert set(logged["tags"]) >= {"rd", "synthetic", "stripes"}
+    assert logged["config"]["model.backbone"] == "resnet18"  # flattened: filterable by any key
+    assert logged["config"]["params_trainable"] == metrics["params_trainable"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["data=mvtec", "data.root=/nonexistent/mvtec"], "/nonexistent/mvtec"),
+        (["data.category=marble"], "stripes"),  # unknown category: the valid ones are listed
+        (["data=btad", "data.root=/nonexistent/btad"], "/nonexistent/btad"),
+        (["model.backbone=not_a_net"], "not a timm model"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(
+    overrides: list[str], expected: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    base = TINY if "data=" not in " ".join(overrides) else [a for a in TINY if not a.startswith("data.synthetic")]
+    proc = run("kdad.train", [*base, *overrides, f"hydra.run.dir={tmp_path}"], env, tmp_path, expect=2)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("kdad: error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "FAILED").is_file()
+
+
+def test_unreadable_training_image_is_named(env: dict[str, str], tmp_path: Path) -> None:
+    root = tmp_path / "own"
+    (root / "good").mkdir(parents=True)
+    from PIL import Image
+
+    for i in range(6):
+        Image.new("RGB", (32, 32), (i * 20, 90, 120)).save(root / "good" / f"{i}.png")
+    (root / "good" / "broken.png").write_bytes(b"this is not a png")
+    proc = run(
+        "kdad.train",
+        [*[a for a in TINY if not a.startswith("data.synthetic")], "data=folder", f"data.root={root}", "data.val_fraction=0", f"hydra.run.dir={tmp_path / 'run'}"],
+        env,
+        tmp_path,
+        expect=2,
+    )
+    assert "broken.png" in proc.stderr and "Traceback" not in proc.stderr
