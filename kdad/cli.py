@@ -71,13 +71,10 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     def wrapper(cfg: DictConfig) -> Any:
         try:
             return task(cfg)
-        except KDADError as exc:
-            message = one_line(exc)
         except Exception as exc:
-            # DataLoader workers and some libraries re-raise our error wrapped in their own.
-            if "KDADError" not in f"{type(exc).__name__}{exc}":
+            message = user_error_message(exc)
+            if message is None:
                 raise
-            message = one_line(exc)
         finally:
             _finish_wandb()
         print(f"kdad: error: {message}", file=sys.stderr, flush=True)
@@ -90,6 +87,21 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
 
     wrapper.__name__ = getattr(task, "__name__", "task")
     return wrapper
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message if ``exc`` is (or wraps) a :class:`KDADError`, else None.
+
+    Hydra's ``instantiate`` chains our error as the cause of its own; DataLoader workers and
+    some libraries re-raise it as a new exception whose text holds the original.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KDADError):
+            return one_line(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = f"{type(exc).__name__}: {exc}"
+    return one_line(exc) if "KDADError" in text else None
 
 
 def exit_if_failed() -> None:

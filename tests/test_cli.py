@@ -154,6 +154,7 @@ def test_user_errors_are_one_line_without_traceback(
     proc = run("kdad.train", [*base, *overrides, f"hydra.run.dir={tmp_path}"], env, tmp_path, expect=2)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kdad: error:")]
     assert len(errors) == 1 and expected in errors[0], proc.stderr
+    assert "Error in call to target" not in errors[0]  # Hydra's wrapper is peeled off
     assert "Traceback" not in proc.stderr
     assert (tmp_path / "FAILED").is_file()
 
