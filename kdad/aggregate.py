@@ -27,7 +27,12 @@ import yaml
 
 from kdad.results import METRIC_KEYS, write_csv_atomic, write_text_atomic
 
-EXTRA_KEYS = ("train_images_per_second", "test_images_per_second", "train_seconds", "params_trainable")
+EXTRA_KEYS = (
+    "train_images_per_second",
+    "test_images_per_second",
+    "train_seconds",
+    "params_trainable",
+)
 # Keys that differ between runs of one study without making them different methods.
 IGNORED_PREFIXES = (
     "seed",
@@ -84,12 +89,18 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
         runs.append(Run(path.parent, metrics, _flatten(config or {})))
     done = {run.folder for run in runs}
     missing: list[tuple[Path, str]] = []
-    job_folders = {p.parent for p in root.rglob(".hydra")} | {p.parent for p in root.rglob("FAILED")}
+    job_folders = {p.parent for p in root.rglob(".hydra")} | {
+        p.parent for p in root.rglob("FAILED")
+    }
     for folder in sorted(job_folders - done):
         if folder == root and any(root.iterdir()) and not (folder / "FAILED").exists():
             continue  # the sweep folder itself (its own .hydra holds the sweep config)
         failed = folder / "FAILED"
-        reason = failed.read_text().strip() if failed.is_file() else "no metrics.json (unfinished or crashed)"
+        reason = (
+            failed.read_text().strip()
+            if failed.is_file()
+            else "no metrics.json (unfinished or crashed)"
+        )
         missing.append((folder, reason))
     return runs, missing
 
@@ -105,7 +116,8 @@ def variant_labels(runs: Sequence[Run]) -> dict[Path, str]:
         varying = [
             k
             for k in keys
-            if not k.startswith(IGNORED_PREFIXES) and len({json.dumps(run.config.get(k), default=str) for run in group}) > 1
+            if not k.startswith(IGNORED_PREFIXES)
+            and len({json.dumps(run.config.get(k), default=str) for run in group}) > 1
         ]
         for run in group:
             parts = [f"{k}={run.config.get(k)}" for k in varying]
@@ -125,11 +137,21 @@ def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
     labels = variant_labels(runs)
     cells: dict[tuple[str, str, str], list[Run]] = defaultdict(list)
     for run in runs:
-        cells[(labels[run.folder], str(run.metrics.get("data")), str(run.metrics.get("category")))].append(run)
+        cells[
+            (labels[run.folder], str(run.metrics.get("data")), str(run.metrics.get("category")))
+        ].append(run)
     rows: list[dict[str, Any]] = []
     for (model, data, category), group in sorted(cells.items()):
-        row: dict[str, Any] = {"model": model, "data": data, "category": category, "runs": len(group)}
-        row["seeds"] = " ".join(str(r.metrics.get("seed")) for r in sorted(group, key=lambda r: str(r.metrics.get("seed"))))
+        row: dict[str, Any] = {
+            "model": model,
+            "data": data,
+            "category": category,
+            "runs": len(group),
+        }
+        row["seeds"] = " ".join(
+            str(r.metrics.get("seed"))
+            for r in sorted(group, key=lambda r: str(r.metrics.get("seed")))
+        )
         for key in (*METRIC_KEYS, *EXTRA_KEYS):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(r.metrics.get(key) for r in group)
         rows.append(row)
@@ -145,7 +167,9 @@ def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "seeds": "",
         }
         for key in (*METRIC_KEYS, *EXTRA_KEYS):
-            mean_row[f"{key}_mean"], mean_row[f"{key}_std"] = _mean_std(r[f"{key}_mean"] for r in group)
+            mean_row[f"{key}_mean"], mean_row[f"{key}_std"] = _mean_std(
+                r[f"{key}_mean"] for r in group
+            )
         rows.append(mean_row)
     return rows
 
@@ -160,22 +184,35 @@ def to_markdown(rows: Sequence[dict[str, Any]], missing: Sequence[tuple[Path, st
     header = ["model", "data", "category", "runs", *METRIC_KEYS, "train img/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["model"], row["data"], f"**{row['category']}**" if row["category"] == "mean" else row["category"], str(row["runs"])]
+        cells = [
+            row["model"],
+            row["data"],
+            f"**{row['category']}**" if row["category"] == "mean" else row["category"],
+            str(row["runs"]),
+        ]
         cells += [_pct(row[f"{k}_mean"], row[f"{k}_std"]) for k in METRIC_KEYS]
         ips = row["train_images_per_second_mean"]
         cells.append("–" if math.isnan(ips) else f"{ips:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
-    text = "Metrics in %, mean ± std over seeds (mean rows: mean over categories).\n\n" + "\n".join(lines) + "\n"
+    text = (
+        "Metrics in %, mean ± std over seeds (mean rows: mean over categories).\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
     if missing:
         text += f"\nMissing runs ({len(missing)}): not counted above.\n\n"
         text += "\n".join(f"- `{folder}`: {reason}" for folder, reason in missing) + "\n"
     return text
 
 
-def write_tables(root: Path, rows: Sequence[dict[str, Any]], missing: Sequence[tuple[Path, str]]) -> str:
+def write_tables(
+    root: Path, rows: Sequence[dict[str, Any]], missing: Sequence[tuple[Path, str]]
+) -> str:
     columns = ["model", "data", "category", "runs", "seeds"]
     columns += [f"{k}_{s}" for k in (*METRIC_KEYS, *EXTRA_KEYS) for s in ("mean", "std")]
-    write_csv_atomic(root / "aggregate.csv", columns, ([row.get(c) for c in columns] for row in rows))
+    write_csv_atomic(
+        root / "aggregate.csv", columns, ([row.get(c) for c in columns] for row in rows)
+    )
     markdown = to_markdown(rows, missing)
     write_text_atomic(root / "aggregate.md", markdown)
     return markdown

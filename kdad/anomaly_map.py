@@ -61,7 +61,11 @@ class GaussianBlur2d(nn.Module):
         self.sigma = float(sigma)
         self.radius = int(truncate * self.sigma + 0.5)
         x = torch.arange(-self.radius, self.radius + 1, dtype=torch.float64)
-        kernel = torch.exp(-0.5 * (x / self.sigma) ** 2) if self.sigma > 0 else torch.ones(1, dtype=torch.float64)
+        kernel = (
+            torch.exp(-0.5 * (x / self.sigma) ** 2)
+            if self.sigma > 0
+            else torch.ones(1, dtype=torch.float64)
+        )
         self.register_buffer("kernel", (kernel / kernel.sum()).float(), persistent=False)
 
     def forward(self, maps: Tensor) -> Tensor:
@@ -87,7 +91,13 @@ class AnomalyMapGenerator(nn.Module):
         score: image score from the map: ``max`` (both official codes) or ``mean``.
     """
 
-    def __init__(self, fusion: str = "add", sigma: float = 4.0, align_corners: bool = True, score: str = "max") -> None:
+    def __init__(
+        self,
+        fusion: str = "add",
+        sigma: float = 4.0,
+        align_corners: bool = True,
+        score: str = "max",
+    ) -> None:
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"anomaly_map.fusion must be one of {FUSIONS}, got {fusion!r}")
@@ -99,7 +109,8 @@ class AnomalyMapGenerator(nn.Module):
     def forward(self, distance_maps: list[Tensor], size: tuple[int, int]) -> Tensor:
         """(N,1,h_i,w_i) per layer -> (N,1,H,W)."""
         upsampled = [
-            F.interpolate(d, size=size, mode="bilinear", align_corners=self.align_corners) for d in distance_maps
+            F.interpolate(d, size=size, mode="bilinear", align_corners=self.align_corners)
+            for d in distance_maps
         ]
         fused = upsampled[0]
         for d in upsampled[1:]:

@@ -82,10 +82,14 @@ class SpeedMonitor(L.Callback):
         self._test_start = time.perf_counter()
         self._test_images = 0
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_test_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         self._test_images += len(batch["image"])
         _sync(pl_module.device)
-        self.test_images_per_second = self._test_images / max(time.perf_counter() - self._test_start, 1e-9)
+        self.test_images_per_second = self._test_images / max(
+            time.perf_counter() - self._test_start, 1e-9
+        )
 
 
 def colorize(heat: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
@@ -96,7 +100,9 @@ def colorize(heat: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     return (colormaps["jet"](scaled)[..., :3] * 255).astype(np.uint8)
 
 
-def heatmap_panel(image: np.ndarray, mask: np.ndarray, heat: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+def heatmap_panel(
+    image: np.ndarray, mask: np.ndarray, heat: np.ndarray, vmin: float, vmax: float
+) -> np.ndarray:
     """Input | ground truth | heatmap over the input, side by side (uint8 HxWx3 each)."""
     gt = np.repeat((mask > 0.5).astype(np.uint8)[..., None] * 255, 3, axis=2)
     overlay = (0.5 * image.astype(np.float32) + 0.5 * colorize(heat, vmin, vmax)).astype(np.uint8)
@@ -119,7 +125,9 @@ class HeatmapWriter(L.Callback):
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._candidates: dict[str, list[dict[str, Any]]] = {}
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_test_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         preprocess = getattr(trainer.datamodule, "preprocess", None)
         if self.num_images <= 0 or not trainer.is_global_zero or preprocess is None:
             return
@@ -180,9 +188,13 @@ class ScoreWriter(L.Callback):
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._rows: list[list[Any]] = []
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_test_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         scores = outputs["pred_scores"].float().cpu().tolist()
-        for path, defect, label, score in zip(batch["path"], batch["defect_type"], batch["label"].tolist(), scores, strict=True):
+        for path, defect, label, score in zip(
+            batch["path"], batch["defect_type"], batch["label"].tolist(), scores, strict=True
+        ):
             self._rows.append([str(path), str(defect), int(label), float(score)])
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

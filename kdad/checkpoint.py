@@ -25,8 +25,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise KDADError(f"ckpt_path={path}: not a readable kdad checkpoint ({reason})") from None
-    if not isinstance(checkpoint, dict) or "kdad" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise KDADError(f"ckpt_path={path}: not a kdad checkpoint (no kdad metadata; was it written by kdad-train?)")
+    if (
+        not isinstance(checkpoint, dict)
+        or "kdad" not in checkpoint
+        or "hyper_parameters" not in checkpoint
+    ):
+        raise KDADError(
+            f"ckpt_path={path}: not a kdad checkpoint (no kdad metadata; was it written by kdad-train?)"
+        )
     return checkpoint
 
 

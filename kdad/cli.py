@@ -8,6 +8,7 @@ jobs have run. One failing job of a multirun does not stop the others.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -78,10 +79,8 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         finally:
             _finish_wandb()
         print(f"kdad: error: {message}", file=sys.stderr, flush=True)
-        try:
+        with contextlib.suppress(OSError):
             write_text_atomic(output_dir() / "FAILED", message + "\n")
-        except OSError:
-            pass
         FAILED.append(message)
         return float("nan")
 
@@ -107,7 +106,10 @@ def user_error_message(exc: BaseException) -> str | None:
 def exit_if_failed() -> None:
     if FAILED:
         if len(FAILED) > 1:
-            print(f"kdad: {len(FAILED)} job(s) failed (see FAILED files in the sweep folder)", file=sys.stderr)
+            print(
+                f"kdad: {len(FAILED)} job(s) failed (see FAILED files in the sweep folder)",
+                file=sys.stderr,
+            )
         sys.exit(2)
 
 
@@ -145,19 +147,28 @@ def prepare_wandb(cfg: DictConfig) -> None:
     if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
         return
     os.environ["WANDB_MODE"] = "offline"
-    log.warning("W&B: no account configured; logging offline. Upload later with: wandb sync %s/wandb/offline-run-*", output_dir())
+    log.warning(
+        "W&B: no account configured; logging offline. Upload later with: wandb sync %s/wandb/offline-run-*",
+        output_dir(),
+    )
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """Nested config -> {"model.backbone": ..., "data.category": ...} for loggers' columns."""
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig | ListConfig) else cfg
+    container = (
+        OmegaConf.to_container(cfg, resolve=True)
+        if isinstance(cfg, DictConfig | ListConfig)
+        else cfg
+    )
     flat: dict[str, Any] = {}
 
     def walk(value: Any, key: str) -> None:
         if isinstance(value, dict):
             for k, v in value.items():
                 walk(v, f"{key}.{k}" if key else str(k))
-        elif isinstance(value, list | tuple) and not all(isinstance(v, str | int | float | bool) for v in value):
+        elif isinstance(value, list | tuple) and not all(
+            isinstance(v, str | int | float | bool) for v in value
+        ):
             for i, v in enumerate(value):
                 walk(v, f"{key}.{i}")
         else:

@@ -35,7 +35,9 @@ def evaluate(cfg: DictConfig) -> float | None:
     trained = module.hparams.get("preprocess") or {}
     if trained.get("image_size") not in (None, cfg.data.image_size):
         log.warning(
-            "checkpoint was trained at image_size=%s, testing at data.image_size=%s", trained["image_size"], cfg.data.image_size
+            "checkpoint was trained at image_size=%s, testing at data.image_size=%s",
+            trained["image_size"],
+            cfg.data.image_size,
         )
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     speed = SpeedMonitor()

@@ -80,13 +80,17 @@ class DistillationModule(L.LightningModule):
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         images = batch["image"]
         loss = self.net.loss(self.net(images))
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(images))
+        self.log(
+            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(images)
+        )
         return loss
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         images = batch["image"]
         loss = self.net.loss(self.net(images))
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(images), sync_dist=True)
+        self.log(
+            "val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(images), sync_dist=True
+        )
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -95,7 +99,10 @@ class DistillationModule(L.LightningModule):
         if not self.hparams.scheduler:
             return optimizer
         scheduler = instantiate(dict(self.hparams.scheduler), _convert_="all")(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
 
     # --- testing --------------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:
@@ -122,7 +129,11 @@ class DistillationModule(L.LightningModule):
 
     # --- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["kdad"] = {"format": 1, "model_name": self.hparams.model_name, "train_stats": dict(self.train_stats)}
+        checkpoint["kdad"] = {
+            "format": 1,
+            "model_name": self.hparams.model_name,
+            "train_stats": dict(self.train_stats),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.train_stats = dict(checkpoint.get("kdad", {}).get("train_stats", {}))

@@ -54,10 +54,14 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_json_atomic(path: str | Path, data: Mapping[str, Any]) -> Path:
-    return write_text_atomic(path, json.dumps({k: _json_safe(v) for k, v in data.items()}, indent=2) + "\n")
+    return write_text_atomic(
+        path, json.dumps({k: _json_safe(v) for k, v in data.items()}, indent=2) + "\n"
+    )
 
 
-def write_csv_atomic(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+def write_csv_atomic(
+    path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> Path:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)

@@ -1,8 +1,8 @@
 """``kdad-train``: compose the config, fit the variant, test it, write the run's results.
 
-    kdad-train model=stfpm data=mvtec data.category=bottle logger=wandb
-    kdad-train -m model=rd,stfpm data.category=stripes,checker
-    kdad-train experiment=demo
+kdad-train model=stfpm data=mvtec data.category=bottle logger=wandb
+kdad-train -m model=rd,stfpm data.category=stripes,checker
+kdad-train experiment=demo
 """
 
 from __future__ import annotations
@@ -30,16 +30,22 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DistillationModule:
     return DistillationModule(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True)
+        if cfg.get("scheduler")
+        else None,
         model_name=str(cfg.model_name),
         preprocess=preprocess,
     )
 
 
-def build_trainer(cfg: DictConfig, extra_callbacks: list[L.Callback], **overrides: Any) -> L.Trainer:
+def build_trainer(
+    cfg: DictConfig, extra_callbacks: list[L.Callback], **overrides: Any
+) -> L.Trainer:
     callbacks = cli.instantiate_group(cfg.get("callbacks"), "callbacks") + extra_callbacks
     loggers = cli.instantiate_group(cfg.get("logger"), "logger")
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+    return hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides
+    )
 
 
 def log_run_config(trainer: L.Trainer, cfg: DictConfig, module: DistillationModule) -> None:
@@ -48,7 +54,12 @@ def log_run_config(trainer: L.Trainer, cfg: DictConfig, module: DistillationModu
         "params_trainable": module.net.num_parameters(trainable=True),
         "params_total": module.net.num_parameters(),
     }
-    log.info("%s: %d trainable / %d total parameters", cfg.model_name, params["params_trainable"], params["params_total"])
+    log.info(
+        "%s: %d trainable / %d total parameters",
+        cfg.model_name,
+        params["params_trainable"],
+        params["params_total"],
+    )
     for logger in trainer.loggers:
         logger.log_hyperparams({**cli.flatten(cfg), **params})
 
@@ -71,8 +82,12 @@ def write_run_results(
     if trainer.is_global_zero:
         write_json_atomic(cli.output_dir() / "metrics.json", results)
         for logger in trainer.loggers:
-            logger.log_metrics({f"summary/{k}": v for k, v in results.items() if isinstance(v, int | float)})
-    log.info("results: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()})
+            logger.log_metrics(
+                {f"summary/{k}": v for k, v in results.items() if isinstance(v, int | float)}
+            )
+    log.info(
+        "results: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}
+    )
     log.info("run folder: %s", cli.output_dir())
     return results
 
@@ -96,20 +111,30 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     datamodule.setup("fit")
     if datamodule.val_dataset is None and cfg.get("test_ckpt") == "best":
-        raise KDADError("test_ckpt=best needs validation images: set data.val_fraction > 0 (or test_ckpt=last)")
-    if datamodule.val_dataset is None and cfg.get("callbacks") and cfg.callbacks.get("model_checkpoint"):
+        raise KDADError(
+            "test_ckpt=best needs validation images: set data.val_fraction > 0 (or test_ckpt=last)"
+        )
+    if (
+        datamodule.val_dataset is None
+        and cfg.get("callbacks")
+        and cfg.callbacks.get("model_checkpoint")
+    ):
         cfg.callbacks.model_checkpoint.monitor = None  # nothing to monitor without validation
 
     module = build_module(cfg, datamodule)
     speed = SpeedMonitor()
     # Without validation images, tell Lightning so instead of letting it warn about an empty loader.
-    trainer = build_trainer(cfg, [speed], **({"limit_val_batches": 0} if datamodule.val_dataset is None else {}))
+    trainer = build_trainer(
+        cfg, [speed], **({"limit_val_batches": 0} if datamodule.val_dataset is None else {})
+    )
     log_run_config(trainer, cfg, module)
 
     ckpt_dir = out / "checkpoints"
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, ckpt_dir))
     final = ckpt_dir / "last.ckpt"
-    trainer.save_checkpoint(final, weights_only=False)  # final weights + optimizer state, for resuming
+    trainer.save_checkpoint(
+        final, weights_only=False
+    )  # final weights + optimizer state, for resuming
 
     if not cfg.get("test", True):
         return None
@@ -117,14 +142,18 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("test_ckpt") == "best":
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
-            raise KDADError("test_ckpt=best but no best checkpoint was saved (callbacks.model_checkpoint.monitor is unset)")
+            raise KDADError(
+                "test_ckpt=best but no best checkpoint was saved (callbacks.model_checkpoint.monitor is unset)"
+            )
         test_ckpt = best
     trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, weights_only=True)
     results = write_run_results(cfg.seed, trainer, module, datamodule, speed)
     metric = cfg.get("optimized_metric")
     if metric:
         if metric not in results:
-            raise KDADError(f"optimized_metric={metric}: not a metrics.json key ({', '.join(results)})")
+            raise KDADError(
+                f"optimized_metric={metric}: not a metrics.json key ({', '.join(results)})"
+            )
         return float(results[metric])
     return None
 

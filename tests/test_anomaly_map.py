@@ -17,7 +17,9 @@ from kdad.anomaly_map import (
 )
 
 
-@pytest.mark.parametrize(("sigma", "size"), [(4.0, (64, 64)), (4.0, (20, 9)), (1.5, (33, 47)), (2.0, (3, 3))])
+@pytest.mark.parametrize(
+    ("sigma", "size"), [(4.0, (64, 64)), (4.0, (20, 9)), (1.5, (33, 47)), (2.0, (3, 3))]
+)
 def test_gaussian_blur_equals_scipy_reflect(sigma: float, size: tuple[int, int]) -> None:
     rng = np.random.default_rng(0)
     maps = rng.random((2, 1, *size)).astype(np.float64)

@@ -46,12 +46,21 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     }
 
 
-def run(module: str, args: list[str], env: dict[str, str], cwd: Path, expect: int = 0) -> subprocess.CompletedProcess:
+def run(
+    module: str, args: list[str], env: dict[str, str], cwd: Path, expect: int = 0
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if proc.returncode != expect:
-        raise AssertionError(f"{module} {args} exited {proc.returncode}, expected {expect}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"{module} {args} exited {proc.returncode}, expected {expect}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -65,41 +74,72 @@ def trained_run(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
 def test_train_writes_the_contract_files(trained_run: Path) -> None:
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert tuple(metrics) == RESULT_KEYS  # exactly the contract's keys
-    assert metrics["model"] == "rd" and metrics["data"] == "synthetic" and metrics["category"] == "stripes"
+    assert (
+        metrics["model"] == "rd"
+        and metrics["data"] == "synthetic"
+        and metrics["category"] == "stripes"
+    )
     for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_ap"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["params_trainable"] == 15_908_480  # RD4AD resnet18, official count
     assert metrics["params_total"] > metrics["params_trainable"]
-    assert metrics["train_seconds"] > 0 and metrics["train_images_per_second"] > 0 and metrics["test_images_per_second"] > 0
+    assert (
+        metrics["train_seconds"] > 0
+        and metrics["train_images_per_second"] > 0
+        and metrics["test_images_per_second"] > 0
+    )
     assert (trained_run / "config.yaml").read_text().startswith("task_name: train")
     assert (trained_run / "checkpoints" / "last.ckpt").is_file()
     panels = sorted((trained_run / "images").glob("*.png"))
     assert len(panels) == 16
-    assert {p.name.split("_", 1)[1].rsplit("_", 1)[0] for p in panels} >= {"good", "scratch", "hole"}
+    assert {p.name.split("_", 1)[1].rsplit("_", 1)[0] for p in panels} >= {
+        "good",
+        "scratch",
+        "hole",
+    }
     with open(trained_run / "scores.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 6 + 6 * 2  # every test image once
     assert {row["label"] for row in rows} == {"0", "1"}
 
 
-def test_eval_reproduces_the_training_run(trained_run: Path, env: dict[str, str], tmp_path: Path) -> None:
+def test_eval_reproduces_the_training_run(
+    trained_run: Path, env: dict[str, str], tmp_path: Path
+) -> None:
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    run("kdad.eval", [*DATA, f"ckpt_path={ckpt}", "logger=none", f"hydra.run.dir={tmp_path}"], env, tmp_path)
+    run(
+        "kdad.eval",
+        [*DATA, f"ckpt_path={ckpt}", "logger=none", f"hydra.run.dir={tmp_path}"],
+        env,
+        tmp_path,
+    )
     trained = json.loads((trained_run / "metrics.json").read_text())
     evaluated = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_ap"):
         assert math.isclose(trained[key], evaluated[key], abs_tol=1e-6), key
-    assert evaluated["model"] == "rd" and evaluated["train_seconds"] == pytest.approx(trained["train_seconds"], rel=1e-6)
+    assert evaluated["model"] == "rd" and evaluated["train_seconds"] == pytest.approx(
+        trained["train_seconds"], rel=1e-6
+    )
 
 
-def test_eval_rejects_a_checkpoint_of_another_variant(trained_run: Path, env: dict[str, str], tmp_path: Path) -> None:
+def test_eval_rejects_a_checkpoint_of_another_variant(
+    trained_run: Path, env: dict[str, str], tmp_path: Path
+) -> None:
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    proc = run("kdad.eval", [*DATA, "model=stfpm", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}"], env, tmp_path, expect=2)
+    proc = run(
+        "kdad.eval",
+        [*DATA, "model=stfpm", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}"],
+        env,
+        tmp_path,
+        expect=2,
+    )
     assert "model=rd checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_checkpoint_loads_with_weights_only(trained_run: Path) -> None:
-    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    checkpoint = torch.load(
+        trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
     assert checkpoint["kdad"]["model_name"] == "rd"
     assert checkpoint["hyper_parameters"]["model"]["backbone"] == "resnet18"
 
@@ -108,7 +148,15 @@ def test_multirun_and_aggregate(env: dict[str, str], tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     run(
         "kdad.train",
-        ["-m", *TINY, "model=rd,stfpm", "data.category=stripes,dots", "logger=none", "callbacks=none", f"hydra.sweep.dir={sweep}"],
+        [
+            "-m",
+            *TINY,
+            "model=rd,stfpm",
+            "data.category=stripes,dots",
+            "logger=none",
+            "callbacks=none",
+            f"hydra.sweep.dir={sweep}",
+        ],
         env,
         tmp_path,
     )
@@ -117,7 +165,12 @@ def test_multirun_and_aggregate(env: dict[str, str], tmp_path: Path) -> None:
     with open(sweep / "aggregate.csv") as handle:
         rows = list(csv.DictReader(handle))
     cells = [(r["model"], r["category"]) for r in rows if r["category"] != "mean"]
-    assert sorted(cells) == [("rd", "dots"), ("rd", "stripes"), ("stfpm", "dots"), ("stfpm", "stripes")]
+    assert sorted(cells) == [
+        ("rd", "dots"),
+        ("rd", "stripes"),
+        ("stfpm", "dots"),
+        ("stfpm", "stripes"),
+    ]
     assert sorted(r["model"] for r in rows if r["category"] == "mean") == ["rd", "stfpm"]
     for row in rows:
         assert 0.0 <= float(row["image_auroc_mean"]) <= 1.0
@@ -125,7 +178,12 @@ def test_multirun_and_aggregate(env: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_wandb_offline_run_holds_the_test_metrics(env: dict[str, str], tmp_path: Path) -> None:
-    run("kdad.train", [*TINY, "logger=wandb", "callbacks=none", f"hydra.run.dir={tmp_path}"], env, tmp_path)
+    run(
+        "kdad.train",
+        [*TINY, "logger=wandb", "callbacks=none", f"hydra.run.dir={tmp_path}"],
+        env,
+        tmp_path,
+    )
     files = find_run_files(tmp_path / "wandb")
     assert len(files) == 1
     logged = read_run(files[0])
@@ -150,8 +208,14 @@ def test_wandb_offline_run_holds_the_test_metrics(env: dict[str, str], tmp_path:
 def test_user_errors_are_one_line_without_traceback(
     overrides: list[str], expected: str, env: dict[str, str], tmp_path: Path
 ) -> None:
-    base = TINY if "data=" not in " ".join(overrides) else [a for a in TINY if not a.startswith("data.synthetic")]
-    proc = run("kdad.train", [*base, *overrides, f"hydra.run.dir={tmp_path}"], env, tmp_path, expect=2)
+    base = (
+        TINY
+        if "data=" not in " ".join(overrides)
+        else [a for a in TINY if not a.startswith("data.synthetic")]
+    )
+    proc = run(
+        "kdad.train", [*base, *overrides, f"hydra.run.dir={tmp_path}"], env, tmp_path, expect=2
+    )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kdad: error:")]
     assert len(errors) == 1 and expected in errors[0], proc.stderr
     assert "Error in call to target" not in errors[0]  # Hydra's wrapper is peeled off
@@ -169,7 +233,13 @@ def test_unreadable_training_image_is_named(env: dict[str, str], tmp_path: Path)
     (root / "good" / "broken.png").write_bytes(b"this is not a png")
     proc = run(
         "kdad.train",
-        [*[a for a in TINY if not a.startswith("data.synthetic")], "data=folder", f"data.root={root}", "data.val_fraction=0", f"hydra.run.dir={tmp_path / 'run'}"],
+        [
+            *[a for a in TINY if not a.startswith("data.synthetic")],
+            "data=folder",
+            f"data.root={root}",
+            "data.val_fraction=0",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
         env,
         tmp_path,
         expect=2,

@@ -21,7 +21,9 @@ def _count(module: torch.nn.Module) -> int:
         ("resnet18", 12_205_312, 3_703_168),
     ],
 )
-def test_rd4ad_trainable_parameters_match_official_code(backbone: str, bottleneck: int, decoder: int) -> None:
+def test_rd4ad_trainable_parameters_match_official_code(
+    backbone: str, bottleneck: int, decoder: int
+) -> None:
     model = ReverseDistillation(backbone, pretrained=False)
     assert _count(model.bn) == bottleneck
     assert _count(model.decoder) == decoder
@@ -31,7 +33,11 @@ def test_rd4ad_trainable_parameters_match_official_code(backbone: str, bottlenec
 
 @pytest.mark.parametrize(
     ("backbone", "size", "channels"),
-    [("resnet18", 64, (64, 128, 256)), ("wide_resnet50_2", 64, (256, 512, 1024)), ("efficientnet_b0", 64, (24, 40, 112))],
+    [
+        ("resnet18", 64, (64, 128, 256)),
+        ("wide_resnet50_2", 64, (256, 512, 1024)),
+        ("efficientnet_b0", 64, (24, 40, 112)),
+    ],
 )
 def test_rd4ad_shapes(backbone: str, size: int, channels: tuple[int, ...]) -> None:
     model = ReverseDistillation(backbone, pretrained=False).eval()
@@ -54,7 +60,13 @@ def test_stfpm_shapes() -> None:
     assert maps.shape == (3, 1, 64, 64) and scores.shape == (3,)
 
 
-@pytest.mark.parametrize("make", [lambda: ReverseDistillation("resnet18", pretrained=False), lambda: STFPM("resnet18", pretrained=False)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ReverseDistillation("resnet18", pretrained=False),
+        lambda: STFPM("resnet18", pretrained=False),
+    ],
+)
 def test_only_student_gets_gradients_and_teacher_stays_eval(make) -> None:
     model = make()
     model.train()
@@ -75,7 +87,8 @@ def test_rd_loss_is_official_formula() -> None:
     t = [torch.randn(2, 4, 3, 3), torch.randn(2, 8, 2, 2)]
     s = [torch.randn(2, 4, 3, 3), torch.randn(2, 8, 2, 2)]
     expected = sum(
-        (1 - torch.nn.functional.cosine_similarity(a.view(2, -1), b.view(2, -1))).mean() for a, b in zip(t, s, strict=True)
+        (1 - torch.nn.functional.cosine_similarity(a.view(2, -1), b.view(2, -1))).mean()
+        for a, b in zip(t, s, strict=True)
     )
     torch.testing.assert_close(reverse_distillation_loss(list(zip(t, s, strict=True))), expected)
 

@@ -46,13 +46,24 @@ def _payloads(data: bytes):
 
 def read_run(path: str | Path) -> dict[str, Any]:
     """{'group', 'tags', 'name', 'config': {...}, 'summary': {...}, 'history': {key: [values]}}."""
-    out: dict[str, Any] = {"config": {}, "summary": {}, "history": {}, "group": None, "tags": [], "name": None}
+    out: dict[str, Any] = {
+        "config": {},
+        "summary": {},
+        "history": {},
+        "group": None,
+        "tags": [],
+        "name": None,
+    }
     for payload in _payloads(Path(path).read_bytes()):
         record = pb.Record()
         record.ParseFromString(payload)
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            out["group"], out["tags"], out["name"] = record.run.run_group, list(record.run.tags), record.run.display_name
+            out["group"], out["tags"], out["name"] = (
+                record.run.run_group,
+                list(record.run.tags),
+                record.run.display_name,
+            )
             for item in record.run.config.update:
                 out["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         elif kind == "config":

@@ -59,7 +59,11 @@ class DistillationModel(nn.Module):
 
     def num_parameters(self, trainable: bool | None = None) -> int:
         """Parameter count: all (None), trainable only (True) or frozen only (False)."""
-        return sum(p.numel() for p in self.parameters() if trainable is None or p.requires_grad == trainable)
+        return sum(
+            p.numel()
+            for p in self.parameters()
+            if trainable is None or p.requires_grad == trainable
+        )
 
     @torch.no_grad()
     def before_fit(self, train_loader) -> None:

@@ -64,7 +64,9 @@ class ReverseDistillation(DistillationModel):
     ) -> None:
         super().__init__(distance, anomaly_map)
         if len(layers) != 3:
-            raise KDADError(f"model.layers={list(layers)}: RD4AD's bottleneck fuses exactly 3 teacher stages")
+            raise KDADError(
+                f"model.layers={list(layers)}: RD4AD's bottleneck fuses exactly 3 teacher stages"
+            )
         self.teacher = Teacher(backbone, layers, pretrained, weights_path)
         channels = tuple(self.teacher.channels)
         reductions = self.teacher.reductions
@@ -79,9 +81,16 @@ class ReverseDistillation(DistillationModel):
         default_layers = spec.layers if spec else (2, 2, 2)
         if bottleneck_blocks is None:
             bottleneck_blocks = 2 if default_layers == (2, 2, 2) else 3
-        self.bn = OneClassBottleneck(channels, block, bottleneck_blocks, width, groups, official_unused_layer)
+        self.bn = OneClassBottleneck(
+            channels, block, bottleneck_blocks, width, groups, official_unused_layer
+        )
         self.decoder = ReverseDecoder(
-            self.bn.out_channels, channels, block, tuple(decoder_layers or default_layers), width, groups
+            self.bn.out_channels,
+            channels,
+            block,
+            tuple(decoder_layers or default_layers),
+            width,
+            groups,
         )
 
     def forward(self, images: Tensor) -> FeaturePairs:

@@ -64,7 +64,9 @@ def create_feature_extractor(
     if weights_path:
         path = Path(os.path.expanduser(str(weights_path)))
         if not path.is_file():
-            raise KDADError(f"model.weights_path={path}: no such file (expected a .pth or .safetensors state dict)")
+            raise KDADError(
+                f"model.weights_path={path}: no such file (expected a .pth or .safetensors state dict)"
+            )
         try:
             return _create(
                 name,
@@ -147,7 +149,9 @@ def resnet_spec(encoder: nn.Module) -> ResNetSpec | None:
     if kind == "Bottleneck":
         groups = first.conv2.groups
         # layer1 has planes=64 and width = planes * width_per_group / 64 * groups.
-        return ResNetSpec("bottleneck", tuple(len(s) for s in stages), first.conv1.out_channels // groups, groups)
+        return ResNetSpec(
+            "bottleneck", tuple(len(s) for s in stages), first.conv1.out_channels // groups, groups
+        )
     if kind == "BasicBlock":
         return ResNetSpec("basic", tuple(len(s) for s in stages), 64, 1)
     return None

@@ -54,7 +54,10 @@ class OneClassBottleneck(nn.Module):
             self.bn4 = nn.BatchNorm2d(out_ch)
         downsample = nn.Sequential(conv1x1(3 * c3, out_ch, 2), nn.BatchNorm2d(out_ch))
         blocks = [block_cls(3 * c3, planes, 2, downsample, groups, width_per_group)]
-        blocks += [block_cls(out_ch, planes, 1, None, groups, width_per_group) for _ in range(1, num_blocks)]
+        blocks += [
+            block_cls(out_ch, planes, 1, None, groups, width_per_group)
+            for _ in range(1, num_blocks)
+        ]
         self.bn_layer = nn.Sequential(*blocks)
         self.out_channels = out_ch
         kaiming_init(self)

@@ -47,7 +47,10 @@ class ReverseDecoder(nn.Module):
         upsample = nn.Sequential(deconv2x2(self.inplanes, out_ch, 2), nn.BatchNorm2d(out_ch))
         stage = [block_cls(self.inplanes, planes, 2, upsample, self.groups, self.base_width)]
         self.inplanes = out_ch
-        stage += [block_cls(out_ch, planes, 1, None, self.groups, self.base_width) for _ in range(1, blocks)]
+        stage += [
+            block_cls(out_ch, planes, 1, None, self.groups, self.base_width)
+            for _ in range(1, blocks)
+        ]
         return nn.Sequential(*stage)
 
     def forward(self, embedding: Tensor) -> list[Tensor]:
