@@ -16,7 +16,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import json
+import traceback
+
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -52,7 +56,24 @@ def _tags(*values: Any) -> list[str]:
     return tags
 
 
+def _gpu_slot(num_gpus: int = 1) -> int:
+    """The GPU of this job when a sweep runs ``num_gpus`` jobs side by side (job number mod N)."""
+    try:
+        return int(HydraConfig.get().job.num) % max(int(num_gpus), 1)
+    except (ValueError, TypeError):
+        return 0
+
+
+def is_multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("kdad_gpu_slot"):
+        OmegaConf.register_new_resolver("kdad_gpu_slot", _gpu_slot)
     if not OmegaConf.has_resolver("kdad_run_group"):
         OmegaConf.register_new_resolver("kdad_run_group", _run_group)
     if not OmegaConf.has_resolver("kdad_tags"):
@@ -75,7 +96,11 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         except Exception as exc:
             message = user_error_message(exc)
             if message is None:
-                raise
+                if not is_multirun():
+                    raise  # a bug: keep the traceback
+                # In a sweep one crashing job must not take the others down: log it, record it.
+                log.error("job crashed:\n%s", traceback.format_exc())
+                message = f"crashed: {type(exc).__name__}: {one_line(exc)[:300]} (traceback in the job's log)"
         finally:
             _finish_wandb()
         print(f"kdad: error: {message}", file=sys.stderr, flush=True)
@@ -111,6 +136,30 @@ def exit_if_failed() -> None:
                 file=sys.stderr,
             )
         sys.exit(2)
+
+
+class SweepReport(Callback):
+    """Hydra callback: at the end of a multirun, list failed jobs and make the command fail.
+
+    Works with every launcher (in-process, submitit local or Slurm) because it reads the
+    ``FAILED`` files the jobs leave in their folders. Writes ``sweep_status.json`` into the
+    sweep folder: how many jobs ran, which finished, which failed and why.
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(str(config.hydra.sweep.dir))
+        jobs = sorted(p.parent for p in sweep.rglob(".hydra") if p.parent != sweep)
+        failed = [
+            {"folder": str(job), "reason": (job / "FAILED").read_text().strip()} for job in jobs if (job / "FAILED").is_file()
+        ]
+        finished = [str(job) for job in jobs if (job / "metrics.json").is_file()]
+        status = {"jobs": len(jobs), "finished": len(finished), "failed": failed}
+        write_text_atomic(sweep / "sweep_status.json", json.dumps(status, indent=2) + "\n")
+        log.info("sweep %s: %d jobs, %d finished, %d failed", sweep, len(jobs), len(finished), len(failed))
+        for item in failed:
+            print(f"kdad: failed job {item['folder']}: {item['reason']}", file=sys.stderr)
+            if item["reason"] not in FAILED:
+                FAILED.append(item["reason"])
 
 
 def _finish_wandb() -> None:

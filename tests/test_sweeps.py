@@ -1,0 +1,56 @@
+"""Sweeps as researchers run them: launchers, failing jobs, Optuna, W&B groups."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from test_cli import TINY, env, run  # noqa: F401  (session fixture + runner)
+from wandb_reader import find_run_files, read_run
+
+QUIET = ["logger=none", "callbacks=none"]
+
+
+def test_submitit_local_two_job_sweep_completes(env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    sweep = tmp_path / "sweep"
+    run("kdad.train", ["-m", "launcher=local_cpu", *TINY, *QUIET, "seed=1,2", f"hydra.sweep.dir={sweep}"], env, tmp_path)
+    assert sorted(p.parent.name for p in sweep.rglob("metrics.json")) == ["0", "1"]
+    assert list(sweep.glob(".submitit/*"))  # really went through submitit
+    status = json.loads((sweep / "sweep_status.json").read_text())
+    assert status == {"jobs": 2, "finished": 2, "failed": []}
+
+
+def test_failing_job_does_not_stop_the_sweep_and_is_reported_missing(env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    sweep = tmp_path / "sweep"
+    proc = run(
+        "kdad.train", ["-m", *TINY, *QUIET, "data.category=marble,stripes", f"hydra.sweep.dir={sweep}"], env, tmp_path, expect=2
+    )
+    assert "unknown synthetic category 'marble'" in proc.stderr
+    assert (sweep / "1" / "metrics.json").is_file()  # the job after the failure still ran
+    status = json.loads((sweep / "sweep_status.json").read_text())
+    assert status["jobs"] == 2 and status["finished"] == 1 and len(status["failed"]) == 1
+    agg = run("kdad.aggregate", [str(sweep)], env, tmp_path)
+    assert "Missing runs (1)" in agg.stdout and "marble" in agg.stdout
+    table = (sweep / "aggregate.csv").read_text().splitlines()
+    assert len(table) == 1 + 2  # header, the stripes row, the mean row: the failure is not a zero
+
+
+def test_optuna_search_runs_two_trials(env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    sweep = tmp_path / "optuna"
+    args = ["hparams_search=rd_optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=1"]
+    run("kdad.train", [*args, *TINY, *QUIET, f"hydra.sweep.dir={sweep}"], env, tmp_path)
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    values = [json.loads(p.read_text())["pixel_aupro"] for p in sweep.rglob("metrics.json")]
+    assert len(values) == 2
+    assert results["best_value"] == max(values)  # Optuna got the metric the jobs returned
+    assert set(results["best_params"]) == {"optimizer.lr", "model.anomaly_map.sigma"}
+
+
+def test_wandb_runs_of_a_sweep_share_a_group(env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    sweep = tmp_path / "wb_sweep"
+    run("kdad.train", ["-m", *TINY, "logger=wandb", "callbacks=none", "seed=1,2", f"hydra.sweep.dir={sweep}"], env, tmp_path)
+    runs = [read_run(path) for path in find_run_files(sweep)]
+    assert len(runs) == 2
+    assert {r["group"] for r in runs} == {sweep.name}
+    assert {r["name"] for r in runs} == {"rd-synthetic-stripes-seed1", "rd-synthetic-stripes-seed2"}
