@@ -7,7 +7,10 @@ the keys that vary between a model's runs name the variant, e.g. ``hkt[model.cba
 
 Failed or unfinished runs (a FAILED file, or a Hydra job folder without metrics.json) are
 listed as missing, never counted as zero. Writes ``aggregate.csv`` and ``aggregate.md`` into
-DIR (atomically) and prints the markdown table.
+DIR (atomically) and prints the markdown table; also draws ``aggregate_bars.png`` (per-category
+bars of image/pixel AUROC and AUPRO per model) and ``heatmaps_<data>_<category>.png`` (input,
+ground truth and each model's map for the same test images). ``--wandb`` logs the table and
+the plots as one W&B summary run in the sweep's group.
 """
 
 from __future__ import annotations
@@ -218,9 +221,61 @@ def write_tables(
     return markdown
 
 
+def write_plots(root: Path, runs: Sequence[Run], rows: Sequence[dict[str, Any]]) -> list[Path]:
+    """Per-category bars and, per data x category, a heatmap grid across variants (first seed)."""
+    import numpy as np
+
+    from kdad.plots import category_bars, heatmap_grid
+
+    written = [category_bars(rows, root / "aggregate_bars.png")]
+    labels = variant_labels(runs)
+    by_cell: dict[tuple[str, str], dict[str, Any]] = defaultdict(dict)
+    for run in sorted(runs, key=lambda r: str(r.metrics.get("seed"))):
+        npz = run.folder / "images" / "samples.npz"
+        key = (str(run.metrics.get("data")), str(run.metrics.get("category")))
+        if npz.is_file() and labels[run.folder] not in by_cell[key]:
+            with np.load(npz) as arrays:
+                by_cell[key][labels[run.folder]] = {name: arrays[name] for name in arrays.files}
+    for (data, category), samples in sorted(by_cell.items()):
+        grid = heatmap_grid(samples, root / f"heatmaps_{data}_{category}.png")
+        if grid is not None:
+            written.append(grid)
+    return written
+
+
+def log_to_wandb(root: Path, rows: Sequence[dict[str, Any]], plots: Sequence[Path], project: str, entity: str | None) -> str:
+    """One W&B run (job_type ``aggregate``) in the sweep's group with the table and plots."""
+    import wandb
+
+    columns = ["model", "data", "category", "runs", *(f"{k}_{s}" for k in (*METRIC_KEYS, *EXTRA_KEYS) for s in ("mean", "std"))]
+    run = wandb.init(
+        project=project,
+        entity=entity,
+        group=root.name,
+        job_type="aggregate",
+        name=f"aggregate-{root.name}",
+        dir=str(root),
+        config={"sweep_dir": str(root)},
+        reinit=True,
+    )
+    try:
+        run.log({"aggregate/table": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])})
+        run.log({f"aggregate/{p.stem}": wandb.Image(str(p)) for p in plots})
+        for row in rows:
+            if row["category"] == "mean":
+                run.summary.update({f"{row['model']}/{k}": row[f"{k}_mean"] for k in METRIC_KEYS})
+    finally:
+        run.finish()
+    return run.id
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kdad-aggregate", description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", type=Path, help="a folder with runs (e.g. a multirun folder)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--wandb", action="store_true", help="log the table and plots as a W&B summary run")
+    parser.add_argument("--project", default="kdad", help="W&B project (default: kdad)")
+    parser.add_argument("--entity", default=None, help="W&B entity (team or user)")
     args = parser.parse_args(argv)
     root: Path = args.dir
     if not root.is_dir():
@@ -232,9 +287,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         for folder, reason in missing:
             print(f"  missing: {folder}: {reason}", file=sys.stderr)
         return 2
-    markdown = write_tables(root, aggregate(runs), missing)
+    rows = aggregate(runs)
+    markdown = write_tables(root, rows, missing)
     print(markdown, end="")
     print(f"\nwrote {root / 'aggregate.csv'} and {root / 'aggregate.md'}")
+    plots = [] if args.no_plots else write_plots(root, runs, rows)
+    for plot in plots:
+        print(f"wrote {plot}")
+    if args.wandb:
+        import os
+
+        from kdad.cli import wandb_offline_unless_configured
+
+        wandb_offline_unless_configured(root)
+        run_id = log_to_wandb(root, rows, plots, args.project, args.entity)
+        print(f"logged W&B summary run {run_id} (group {root.name}, mode {os.environ.get('WANDB_MODE', 'online')})")
     return 0
 
 

@@ -6,6 +6,7 @@ and, where a W&B logger is attached, to Weights & Biases.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,17 @@ class HeatmapWriter(L.Callback):
             tmp.replace(target)
             files.append(str(target))
             captions.append(f"{kept['defect']} {Path(kept['path']).name} score={kept['score']:.4g}")
+        # The chosen samples' arrays, so that kdad-aggregate can put several models side by side.
+        arrays = {
+            "image": np.stack([k["image"] for k in chosen]),
+            "mask": np.stack([k["mask"] > 0.5 for k in chosen]),
+            "map": np.stack([k["map"] for k in chosen]).astype(np.float32),
+            "score": np.array([k["score"] for k in chosen], dtype=np.float64),
+            "path": np.array([k["path"] for k in chosen]),
+        }
+        tmp = self.dirpath / ".samples.tmp.npz"
+        np.savez_compressed(tmp, **arrays)
+        tmp.replace(self.dirpath / "samples.npz")
         for logger in _wandb_loggers(trainer):
             logger.log_image(key="test/heatmaps", images=files, caption=captions)
 
@@ -204,3 +216,37 @@ class ScoreWriter(L.Callback):
         write_csv_atomic(self.path, header, self._rows)
         for logger in _wandb_loggers(trainer):
             logger.log_table(key="test/scores", columns=header, data=self._rows)
+
+
+class CurveWriter(L.Callback):
+    """Saves the image/pixel ROC curves and the PRO curve of a test run.
+
+    Writes ``curves.json`` (each curve downsampled to at most 2000 points, from the exact
+    curves of the test metrics, gathered over all processes) and ``curves.png``; with a W&B
+    logger the plot is logged as ``test/curves``.
+    """
+
+    def __init__(self, dirpath: str, points: int = 2000) -> None:
+        self.dirpath = Path(dirpath)
+        self.points = int(points)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from kdad.metrics.anomaly import downsample_curve
+
+        metrics = getattr(pl_module, "test_metrics", {})
+        curves: dict[str, dict[str, list[float]]] = {}
+        for name, axes in (("image_auroc", ("fpr", "tpr")), ("pixel_auroc", ("fpr", "tpr")), ("pixel_aupro", ("fpr", "pro"))):
+            metric = metrics[name] if name in metrics else None
+            curve = metric.curve() if metric is not None and hasattr(metric, "curve") else None
+            if curve is not None:
+                x, y = downsample_curve(*curve, points=self.points)
+                curves[name.replace("_auroc", "_roc").replace("pixel_aupro", "pixel_pro")] = {axes[0]: x, axes[1]: y}
+        if not curves or not trainer.is_global_zero:
+            return
+        from kdad.plots import plot_curves
+        from kdad.results import write_text_atomic
+
+        write_text_atomic(self.dirpath / "curves.json", json.dumps(curves) + "\n")
+        png = plot_curves(curves, self.dirpath / "curves.png", title=str(getattr(pl_module.hparams, "model_name", "")))
+        for logger in _wandb_loggers(trainer):
+            logger.log_image(key="test/curves", images=[str(png)])

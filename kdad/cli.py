@@ -186,20 +186,20 @@ def instantiate_group(group: DictConfig | None, what: str) -> list[Any]:
     return objects
 
 
-def prepare_wandb(cfg: DictConfig) -> None:
+def wandb_offline_unless_configured(folder: Path) -> None:
     """Run W&B offline when no account is configured, instead of prompting or failing."""
-    if not cfg.get("logger") or "wandb" not in cfg.logger:
-        return
     if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
         return
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
         return
     os.environ["WANDB_MODE"] = "offline"
-    log.warning(
-        "W&B: no account configured; logging offline. Upload later with: wandb sync %s/wandb/offline-run-*",
-        output_dir(),
-    )
+    log.warning("W&B: no account configured; logging offline. Upload later with: wandb sync %s/wandb/offline-run-*", folder)
+
+
+def prepare_wandb(cfg: DictConfig) -> None:
+    if cfg.get("logger") and "wandb" in cfg.logger:
+        wandb_offline_unless_configured(output_dir())
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:

@@ -94,6 +94,14 @@ class AUROC(_ScoreMetric):
 
     _fn = staticmethod(F.auroc)
 
+    def curve(self) -> tuple[Tensor, Tensor] | None:
+        """The full ROC curve (FPR, TPR) over all processes' data, or None without data."""
+        with self.sync_context():
+            preds, target = _cat_state(self.preds), _cat_state(self.target)
+            if preds is None or target is None:
+                return None
+            return roc_points(preds, target)
+
 
 class AveragePrecision(_ScoreMetric):
     """Average precision (equals ``sklearn.metrics.average_precision_score``)."""
@@ -105,6 +113,23 @@ class F1Max(_ScoreMetric):
     """Maximum F1 over all distinct thresholds."""
 
     _fn = staticmethod(F.f1_max)
+
+
+def downsample_curve(x: Tensor, y: Tensor, points: int = 2000) -> tuple[list[float], list[float]]:
+    """At most ``points`` evenly spaced (by index) points of a curve, endpoints kept, for plots."""
+    if x.numel() > points:
+        index = torch.linspace(0, x.numel() - 1, points, device=x.device).round().long()
+        x, y = x[index], y[index]
+    return x.double().cpu().tolist(), y.double().cpu().tolist()
+
+
+def roc_points(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """(FPR, TPR) at every distinct threshold, starting at (0, 0)."""
+    fps, tps, _ = F.binary_clf_curve(preds, target)
+    zero = fps.new_zeros(1)
+    fpr = torch.cat([zero, fps / fps[-1].clamp(min=1)])
+    tpr = torch.cat([zero, tps / tps[-1].clamp(min=1)])
+    return fpr, tpr
 
 
 class AUPRO(Metric):
@@ -129,6 +154,14 @@ class AUPRO(Metric):
         self.fpr_limit = float(fpr_limit)
         self.add_state("maps", default=[], dist_reduce_fx="cat")
         self.add_state("masks", default=[], dist_reduce_fx="cat")
+
+    def curve(self) -> tuple[Tensor, Tensor] | None:
+        """The full PRO curve (FPR, PRO) over all processes' data, or None without data."""
+        with self.sync_context():
+            maps, masks = _cat_state(self.maps), _cat_state(self.masks)
+            if maps is None or masks is None:
+                return None
+            return F.pro_curve(maps, masks)
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add a batch of anomaly maps ``preds`` and binary masks ``target``."""
