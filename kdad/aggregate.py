@@ -243,11 +243,23 @@ def write_plots(root: Path, runs: Sequence[Run], rows: Sequence[dict[str, Any]])
     return written
 
 
-def log_to_wandb(root: Path, rows: Sequence[dict[str, Any]], plots: Sequence[Path], project: str, entity: str | None) -> str:
+def log_to_wandb(
+    root: Path,
+    rows: Sequence[dict[str, Any]],
+    plots: Sequence[Path],
+    project: str,
+    entity: str | None,
+) -> str:
     """One W&B run (job_type ``aggregate``) in the sweep's group with the table and plots."""
     import wandb
 
-    columns = ["model", "data", "category", "runs", *(f"{k}_{s}" for k in (*METRIC_KEYS, *EXTRA_KEYS) for s in ("mean", "std"))]
+    columns = [
+        "model",
+        "data",
+        "category",
+        "runs",
+        *(f"{k}_{s}" for k in (*METRIC_KEYS, *EXTRA_KEYS) for s in ("mean", "std")),
+    ]
     run = wandb.init(
         project=project,
         entity=entity,
@@ -259,7 +271,13 @@ def log_to_wandb(root: Path, rows: Sequence[dict[str, Any]], plots: Sequence[Pat
         reinit=True,
     )
     try:
-        run.log({"aggregate/table": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])})
+        run.log(
+            {
+                "aggregate/table": wandb.Table(
+                    columns=columns, data=[[row.get(c) for c in columns] for row in rows]
+                )
+            }
+        )
         run.log({f"aggregate/{p.stem}": wandb.Image(str(p)) for p in plots})
         for row in rows:
             if row["category"] == "mean":
@@ -273,7 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kdad-aggregate", description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", type=Path, help="a folder with runs (e.g. a multirun folder)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--wandb", action="store_true", help="log the table and plots as a W&B summary run")
+    parser.add_argument(
+        "--wandb", action="store_true", help="log the table and plots as a W&B summary run"
+    )
     parser.add_argument("--project", default="kdad", help="W&B project (default: kdad)")
     parser.add_argument("--entity", default=None, help="W&B entity (team or user)")
     args = parser.parse_args(argv)
@@ -301,7 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         wandb_offline_unless_configured(root)
         run_id = log_to_wandb(root, rows, plots, args.project, args.entity)
-        print(f"logged W&B summary run {run_id} (group {root.name}, mode {os.environ.get('WANDB_MODE', 'online')})")
+        print(
+            f"logged W&B summary run {run_id} (group {root.name}, mode {os.environ.get('WANDB_MODE', 'online')})"
+        )
     return 0
 
 

@@ -25,6 +25,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _gather_objects(trainer: L.Trainer, items: list[Any]) -> list[Any]:
+    """All processes' lists concatenated (rank order); the list itself without DDP."""
+    if trainer.world_size <= 1 or not torch.distributed.is_initialized():
+        return items
+    gathered: list[list[Any] | None] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, items)
+    return [item for part in gathered for item in (part or [])]
+
+
 def _wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
     return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
 
@@ -87,10 +96,14 @@ class SpeedMonitor(L.Callback):
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
         self._test_images += len(batch["image"])
+        self._test_end = time.perf_counter()
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _sync(pl_module.device)
-        self.test_images_per_second = self._test_images / max(
-            time.perf_counter() - self._test_start, 1e-9
-        )
+        elapsed = max(getattr(self, "_test_end", self._test_start) - self._test_start, 1e-9)
+        # Under DDP: all processes' images over the slowest process's time.
+        shares = _gather_objects(trainer, [(self._test_images, elapsed)])
+        self.test_images_per_second = sum(n for n, _ in shares) / max(t for _, t in shares)
 
 
 def colorize(heat: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
@@ -210,12 +223,13 @@ class ScoreWriter(L.Callback):
             self._rows.append([str(path), str(defect), int(label), float(score)])
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rows = sorted(_gather_objects(trainer, self._rows))  # every process's share, in path order
         if not trainer.is_global_zero:
             return
         header = ["path", "defect_type", "label", "score"]
-        write_csv_atomic(self.path, header, self._rows)
+        write_csv_atomic(self.path, header, rows)
         for logger in _wandb_loggers(trainer):
-            logger.log_table(key="test/scores", columns=header, data=self._rows)
+            logger.log_table(key="test/scores", columns=header, data=rows)
 
 
 class CurveWriter(L.Callback):
@@ -235,18 +249,29 @@ class CurveWriter(L.Callback):
 
         metrics = getattr(pl_module, "test_metrics", {})
         curves: dict[str, dict[str, list[float]]] = {}
-        for name, axes in (("image_auroc", ("fpr", "tpr")), ("pixel_auroc", ("fpr", "tpr")), ("pixel_aupro", ("fpr", "pro"))):
-            metric = metrics[name] if name in metrics else None
+        for name, axes in (
+            ("image_auroc", ("fpr", "tpr")),
+            ("pixel_auroc", ("fpr", "tpr")),
+            ("pixel_aupro", ("fpr", "pro")),
+        ):
+            metric = metrics[name] if name in metrics else None  # noqa: SIM401 - ModuleDict has no .get
             curve = metric.curve() if metric is not None and hasattr(metric, "curve") else None
             if curve is not None:
                 x, y = downsample_curve(*curve, points=self.points)
-                curves[name.replace("_auroc", "_roc").replace("pixel_aupro", "pixel_pro")] = {axes[0]: x, axes[1]: y}
+                curves[name.replace("_auroc", "_roc").replace("pixel_aupro", "pixel_pro")] = {
+                    axes[0]: x,
+                    axes[1]: y,
+                }
         if not curves or not trainer.is_global_zero:
             return
         from kdad.plots import plot_curves
         from kdad.results import write_text_atomic
 
         write_text_atomic(self.dirpath / "curves.json", json.dumps(curves) + "\n")
-        png = plot_curves(curves, self.dirpath / "curves.png", title=str(getattr(pl_module.hparams, "model_name", "")))
+        png = plot_curves(
+            curves,
+            self.dirpath / "curves.png",
+            title=str(getattr(pl_module.hparams, "model_name", "")),
+        )
         for logger in _wandb_loggers(trainer):
             logger.log_image(key="test/curves", images=[str(png)])

@@ -9,15 +9,14 @@ jobs have run. One failing job of a multirun does not stop the others.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
-
-import json
-import traceback
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -150,12 +149,20 @@ class SweepReport(Callback):
         sweep = Path(str(config.hydra.sweep.dir))
         jobs = sorted(p.parent for p in sweep.rglob(".hydra") if p.parent != sweep)
         failed = [
-            {"folder": str(job), "reason": (job / "FAILED").read_text().strip()} for job in jobs if (job / "FAILED").is_file()
+            {"folder": str(job), "reason": (job / "FAILED").read_text().strip()}
+            for job in jobs
+            if (job / "FAILED").is_file()
         ]
         finished = [str(job) for job in jobs if (job / "metrics.json").is_file()]
         status = {"jobs": len(jobs), "finished": len(finished), "failed": failed}
         write_text_atomic(sweep / "sweep_status.json", json.dumps(status, indent=2) + "\n")
-        log.info("sweep %s: %d jobs, %d finished, %d failed", sweep, len(jobs), len(finished), len(failed))
+        log.info(
+            "sweep %s: %d jobs, %d finished, %d failed",
+            sweep,
+            len(jobs),
+            len(finished),
+            len(failed),
+        )
         for item in failed:
             print(f"kdad: failed job {item['folder']}: {item['reason']}", file=sys.stderr)
             if item["reason"] not in FAILED:
@@ -194,7 +201,10 @@ def wandb_offline_unless_configured(folder: Path) -> None:
     if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
         return
     os.environ["WANDB_MODE"] = "offline"
-    log.warning("W&B: no account configured; logging offline. Upload later with: wandb sync %s/wandb/offline-run-*", folder)
+    log.warning(
+        "W&B: no account configured; logging offline. Upload later with: wandb sync %s/wandb/offline-run-*",
+        folder,
+    )
 
 
 def prepare_wandb(cfg: DictConfig) -> None:

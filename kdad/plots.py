@@ -14,10 +14,14 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-METRIC_LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "pixel_aupro": "pixel AUPRO (FPR ≤ 0.3)"}
+METRIC_LABELS = {
+    "image_auroc": "image AUROC",
+    "pixel_auroc": "pixel AUROC",
+    "pixel_aupro": "pixel AUPRO (FPR ≤ 0.3)",
+}
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
@@ -34,9 +38,15 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
-def plot_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, title: str = "") -> Path:
+def plot_curves(
+    curves: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, title: str = ""
+) -> Path:
     """Image ROC, pixel ROC and PRO curve of one run, side by side."""
-    panels = [("image_roc", "fpr", "tpr", "image ROC"), ("pixel_roc", "fpr", "tpr", "pixel ROC"), ("pixel_pro", "fpr", "pro", "PRO")]
+    panels = [
+        ("image_roc", "fpr", "tpr", "image ROC"),
+        ("pixel_roc", "fpr", "tpr", "pixel ROC"),
+        ("pixel_pro", "fpr", "pro", "PRO"),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     for ax, (key, xk, yk, name) in zip(axes, panels, strict=True):
         ax.set_title(name)
@@ -54,19 +64,34 @@ def plot_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str |
     return _save(fig, path)
 
 
-def category_bars(rows: Sequence[Mapping[str, Any]], path: str | Path, metrics: Sequence[str] = tuple(METRIC_LABELS)) -> Path:
+def category_bars(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    metrics: Sequence[str] = tuple(METRIC_LABELS),
+) -> Path:
     """Grouped bars: one group per category, one bar per model, one panel per metric (in %)."""
     cells = [r for r in rows if r["category"] != "mean"]
     categories = sorted({f"{r['data']}/{r['category']}" for r in cells})
     models = sorted({r["model"] for r in cells})
     width = 0.8 / max(len(models), 1)
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6, 0.9 * len(categories) * max(1, len(models) / 2) + 2), 3 * len(metrics)))
+    fig, axes = plt.subplots(
+        len(metrics),
+        1,
+        figsize=(max(6, 0.9 * len(categories) * max(1, len(models) / 2) + 2), 3 * len(metrics)),
+    )
     axes = np.atleast_1d(axes)
     for ax, metric in zip(axes, metrics, strict=True):
         for i, model in enumerate(models):
             means, stds = [], []
             for cat in categories:
-                row = next((r for r in cells if r["model"] == model and f"{r['data']}/{r['category']}" == cat), None)
+                row = next(
+                    (
+                        r
+                        for r in cells
+                        if r["model"] == model and f"{r['data']}/{r['category']}" == cat
+                    ),
+                    None,
+                )
                 means.append(100 * row[f"{metric}_mean"] if row else np.nan)
                 stds.append(100 * row[f"{metric}_std"] if row else 0.0)
             x = np.arange(len(categories)) + (i - (len(models) - 1) / 2) * width
@@ -80,7 +105,9 @@ def category_bars(rows: Sequence[Mapping[str, Any]], path: str | Path, metrics: 
     return _save(fig, path)
 
 
-def heatmap_grid(samples: Mapping[str, Mapping[str, Any]], path: str | Path, max_rows: int = 6) -> Path | None:
+def heatmap_grid(
+    samples: Mapping[str, Mapping[str, Any]], path: str | Path, max_rows: int = 6
+) -> Path | None:
     """Rows of test images: input, ground truth, then each model's map (own colour scale).
 
     ``samples`` maps a model label to the arrays a run's HeatmapWriter saved
@@ -89,14 +116,24 @@ def heatmap_grid(samples: Mapping[str, Mapping[str, Any]], path: str | Path, max
     models = list(samples)
     if not models:
         return None
-    common = [p for p in samples[models[0]]["path"] if all(p in list(samples[m]["path"]) for m in models)]
-    anomalous = [p for p in common if samples[models[0]]["mask"][list(samples[models[0]]["path"]).index(p)].any()]
+    common = [
+        p for p in samples[models[0]]["path"] if all(p in list(samples[m]["path"]) for m in models)
+    ]
+    anomalous = [
+        p
+        for p in common
+        if samples[models[0]]["mask"][list(samples[models[0]]["path"]).index(p)].any()
+    ]
     shown = (anomalous + [p for p in common if p not in anomalous])[:max_rows]
     if not shown:
         return None
     cols = 2 + len(models)
-    fig, axes = plt.subplots(len(shown), cols, figsize=(2.1 * cols, 2.1 * len(shown)), squeeze=False)
-    scales = {m: (float(np.min(samples[m]["map"])), float(np.max(samples[m]["map"]))) for m in models}
+    fig, axes = plt.subplots(
+        len(shown), cols, figsize=(2.1 * cols, 2.1 * len(shown)), squeeze=False
+    )
+    scales = {
+        m: (float(np.min(samples[m]["map"])), float(np.max(samples[m]["map"]))) for m in models
+    }
     for r, sample_path in enumerate(shown):
         first = samples[models[0]]
         i = list(first["path"]).index(sample_path)
@@ -104,8 +141,12 @@ def heatmap_grid(samples: Mapping[str, Mapping[str, Any]], path: str | Path, max
         axes[r, 1].imshow(first["mask"][i], cmap="gray", vmin=0, vmax=1)
         for c, model in enumerate(models, start=2):
             j = list(samples[model]["path"]).index(sample_path)
-            axes[r, c].imshow(samples[model]["map"][j], cmap="jet", vmin=scales[model][0], vmax=scales[model][1])
-        axes[r, 0].set_ylabel(Path(sample_path).parent.name + "/" + Path(sample_path).name, fontsize=7)
+            axes[r, c].imshow(
+                samples[model]["map"][j], cmap="jet", vmin=scales[model][0], vmax=scales[model][1]
+            )
+        axes[r, 0].set_ylabel(
+            Path(sample_path).parent.name + "/" + Path(sample_path).name, fontsize=7
+        )
     for c, name in enumerate(["input", "ground truth", *models]):
         axes[0, c].set_title(name, fontsize=8)
     for ax in axes.flat:

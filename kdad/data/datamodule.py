@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from kdad.data.dataset import AnomalyDataset
 from kdad.data.layouts import Sample, btad_samples, folder_samples, mvtec_samples
@@ -17,6 +18,28 @@ from kdad.errors import KDADError
 
 LAYOUTS = ("mvtec", "btad", "folder", "synthetic")
 _FOLDER_ONLY = ("normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir", "test_fraction")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class ShardSampler(DistributedSampler):
+    """Each index exactly once over all processes (rank r takes r, r + W, ...): no padding.
+
+    Shards may differ in length by one; the metrics gather uneven shards correctly.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        super().__init__(dataset, shuffle=False, drop_last=False)
+        self.indices = list(range(self.rank, len(dataset), self.num_replicas))
+        self.num_samples = len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> None:
@@ -189,7 +212,18 @@ class AnomalyDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)
+        if not _distributed():
+            return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)
+        # Under DDP each test image goes to exactly one process: Lightning's default sampler
+        # would pad the last shard with repeated images and count them twice in the metrics.
+        return DataLoader(
+            self.test_dataset,
+            batch_size=self.eval_batch_size,
+            sampler=ShardSampler(self.test_dataset),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
