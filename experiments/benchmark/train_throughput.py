@@ -1,0 +1,184 @@
+"""Training-step throughput of kdad's variants next to anomalib's ReverseDistillation.
+
+Both run in this one process on identical random batches (same backbone, image size, batch
+size, random teacher weights), one after the other, with the same timing method: warm-up
+steps, then the median of several timed windows of ``--steps`` full training steps (teacher
+forward, student forward, loss, backward, optimiser step), synchronised on CUDA.
+
+    python experiments/benchmark/train_throughput.py --device cpu --backbone resnet18 --size 128
+    python experiments/benchmark/train_throughput.py --device cuda --backbone wide_resnet50_2 --size 256 --bf16
+
+anomalib comes from the optional extra ``pip install -e '.[bench]'``; kdad never imports it.
+Prints a markdown table and writes it (plus a JSON record with versions) with ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from kdad.models.hkt import HKT
+from kdad.models.nferd import NFERD
+from kdad.models.rd4ad import ReverseDistillation
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step: Callable[[torch.Tensor], None], batch: torch.Tensor, steps: int, windows: int, warmup: int) -> float:
+    """Median images/second over ``windows`` windows of ``steps`` training steps."""
+    for _ in range(warmup):
+        step(batch)
+    _sync(batch.device)
+    rates = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(batch)
+        _sync(batch.device)
+        rates.append(steps * batch.shape[0] / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def kdad_step(net: torch.nn.Module, bf16: bool, fused: bool) -> Callable[[torch.Tensor], None]:
+    params = [p for p in net.parameters() if p.requires_grad]
+    extra = {"fused": True} if fused else {}
+    optimizer = torch.optim.Adam(params, lr=0.005, betas=(0.5, 0.999), **extra)
+    net.train()
+    device_type = next(net.parameters()).device.type
+
+    def step(images: torch.Tensor) -> None:
+        with torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext():
+            loss = net.loss(net(images))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def anomalib_step(backbone: str, size: int, device: torch.device, bf16: bool) -> Callable[[torch.Tensor], None]:
+    from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss
+    from anomalib.models.image.reverse_distillation.torch_model import ReverseDistillationModel
+
+    model = ReverseDistillationModel(
+        backbone=backbone, input_size=(size, size), layers=["layer1", "layer2", "layer3"], anomaly_map_mode="add", pre_trained=False
+    ).to(device)
+    loss_fn = ReverseDistillationLoss()
+    # anomalib's configure_optimizers: Adam over decoder + bottleneck, lr 0.005, betas (0.5, 0.99).
+    optimizer = torch.optim.Adam(list(model.decoder.parameters()) + list(model.bottleneck.parameters()), lr=0.005, betas=(0.5, 0.99))
+    model.train()
+
+    def step(images: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+            encoder_features, decoder_features = model(images)
+            loss = loss_fn(encoder_features, decoder_features)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def build_kdad(name: str, backbone: str, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    if name == "rd":
+        net = ReverseDistillation(backbone, pretrained=False)
+    elif name == "hkt_plus":
+        net = HKT(backbone, pretrained=False, extra_layers=True)
+    elif name == "nferd":
+        net = NFERD(backbone, pretrained=False)
+    else:
+        raise ValueError(name)
+    net = net.to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def versions() -> dict[str, str]:
+    import lightning
+    import timm
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__, "timm": timm.__version__}
+    try:
+        import anomalib
+
+        out["anomalib"] = anomalib.__version__
+    except ImportError:
+        out["anomalib"] = "not installed"
+    try:
+        out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        out["commit"] = "unknown"
+    out["cpu"] = platform.processor() or platform.machine()
+    out["threads"] = str(torch.get_num_threads())
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--models", default="rd,hkt_plus,nferd")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for both frameworks")
+    parser.add_argument("--channels-last", action="store_true", help="kdad: channels_last memory format")
+    parser.add_argument("--fused", action="store_true", help="kdad: fused Adam (CUDA)")
+    parser.add_argument("--no-anomalib", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="write <out>.md and <out>.json")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    batch = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    rows = []
+    reference = None
+    if not args.no_anomalib:
+        reference = measure(anomalib_step(args.backbone, args.size, device, args.bf16), batch, args.steps, args.windows, args.warmup)
+        rows.append(("anomalib ReverseDistillation", reference))
+    kdad_batch = batch.contiguous(memory_format=torch.channels_last) if args.channels_last else batch
+    for name in args.models.split(","):
+        net = build_kdad(name, args.backbone, device, args.channels_last)
+        rate = measure(kdad_step(net, args.bf16, args.fused), kdad_batch, args.steps, args.windows, args.warmup)
+        rows.append((f"kdad {name}", rate))
+        del net
+    lines = [
+        f"device={args.device} backbone={args.backbone} size={args.size} batch={args.batch} bf16={args.bf16} "
+        f"channels_last={args.channels_last} fused={args.fused}",
+        "",
+        "| model | train images/s | vs anomalib RD |",
+        "|---|---|---|",
+    ]
+    for name, rate in rows:
+        ratio = f"{rate / reference:.2f}x" if reference else "–"
+        lines.append(f"| {name} | {rate:.1f} | {ratio} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(text)
+        record = {"args": {k: str(v) for k, v in vars(args).items()}, "versions": versions(), "rows": rows, "command": " ".join(sys.argv)}
+        args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
