@@ -45,7 +45,11 @@ class Projector(nn.Sequential):
         width = in_channels
         for _ in range(int(steps)):
             next_width = min(2 * width, out_channels)
-            layers += [conv3x3(width, next_width, stride=2), nn.BatchNorm2d(next_width), nn.ReLU(inplace=True)]
+            layers += [
+                conv3x3(width, next_width, stride=2),
+                nn.BatchNorm2d(next_width),
+                nn.ReLU(inplace=True),
+            ]
             width = next_width
         layers.append(nn.Conv2d(width, out_channels, kernel_size=1, bias=True))
         super().__init__(*layers)
