@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,8 +36,8 @@ from torch.utils.data import DataLoader, Subset
 
 from kdad.errors import KDADError
 from kdad.models.base import FeaturePairs
-from kdad.models.components.feature_bank import NormalFeatureBank, select_bank_images
-from kdad.models.components.hafm import StageFusion
+from kdad.models.components.feature_bank import WEIGHTINGS, NormalFeatureBank, select_bank_images
+from kdad.models.components.hafm import COMBINES, FUSIONS, MERGES, StageFusion
 from kdad.models.rd4ad import ReverseDistillation
 
 log = logging.getLogger("kdad")
@@ -50,7 +51,12 @@ NFB_DEFAULTS: dict[str, Any] = {
     "temperature": 1.0,
     "exclude_self": False,
 }
-HAFM_DEFAULTS: dict[str, Any] = {"combine": "add", "reduction": 16, "kernel_size": 7}
+HAFM_DEFAULTS: dict[str, Any] = {
+    "merge": "add",
+    "combine": "add",
+    "reduction": 16,
+    "kernel_size": 7,
+}
 
 
 def _settings(name: str, given: Mapping | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -102,6 +108,33 @@ class NFERD(ReverseDistillation):
         distance: str = "cosine",
         anomaly_map: Mapping | None = None,
     ) -> None:
+        # Check the settings before building anything heavy.
+        nfb_cfg = _settings("nfb", nfb, NFB_DEFAULTS)
+        hafm_cfg = _settings("hafm", hafm, HAFM_DEFAULTS)
+        enabled, size, top_k = bool(nfb_cfg["enabled"]), int(nfb_cfg["size"]), int(nfb_cfg["top_k"])
+        if fusion not in FUSIONS:
+            raise KDADError(f"model.fusion={fusion!r}: expected one of {list(FUSIONS)}")
+        if hafm_cfg["merge"] not in MERGES:
+            raise KDADError(
+                f"model.hafm.merge={hafm_cfg['merge']!r}: expected one of {list(MERGES)}"
+            )
+        if hafm_cfg["combine"] not in COMBINES:
+            raise KDADError(
+                f"model.hafm.combine={hafm_cfg['combine']!r}: expected one of {list(COMBINES)}"
+            )
+        if nfb_cfg["weighting"] not in WEIGHTINGS:
+            raise KDADError(
+                f"model.nfb.weighting={nfb_cfg['weighting']!r}: expected one of {list(WEIGHTINGS)}"
+            )
+        if not float(nfb_cfg["temperature"]) > 0:
+            raise KDADError(f"model.nfb.temperature={nfb_cfg['temperature']!r}: must be > 0")
+        if enabled and (size < 1 or not 1 <= top_k <= size):
+            raise KDADError(f"model.nfb: need 1 <= top_k <= size, got size={size}, top_k={top_k}")
+        if enabled and fusion == "none":
+            raise KDADError(
+                "model.fusion=none with model.nfb.enabled=true would discard the recalled normal "
+                "features: choose a fusion (hafm, cbam, add, concat) or set model.nfb.enabled=false"
+            )
         super().__init__(
             backbone,
             layers,
@@ -113,27 +146,16 @@ class NFERD(ReverseDistillation):
             distance,
             anomaly_map,
         )
-        nfb_cfg = _settings("nfb", nfb, NFB_DEFAULTS)
-        hafm_cfg = _settings("hafm", hafm, HAFM_DEFAULTS)
-        self.nfb_enabled = bool(nfb_cfg["enabled"])
-        self.nfb_size, self.nfb_top_k = int(nfb_cfg["size"]), int(nfb_cfg["top_k"])
+        self.nfb_enabled, self.nfb_size, self.nfb_top_k = enabled, size, top_k
         self.nfb_seed, self.exclude_self = int(nfb_cfg["seed"]), bool(nfb_cfg["exclude_self"])
         self.fused_to_decoder = bool(fused_to_decoder)
-        if self.nfb_enabled:
-            if self.nfb_size < 1 or not 1 <= self.nfb_top_k <= self.nfb_size:
-                raise KDADError(
-                    f"model.nfb: need 1 <= top_k <= size, got size={self.nfb_size}, top_k={self.nfb_top_k}"
-                )
-            if fusion == "none":
-                raise KDADError(
-                    "model.fusion=none with model.nfb.enabled=true would discard the recalled normal "
-                    "features: choose a fusion (hafm, cbam, add, concat) or set model.nfb.enabled=false"
-                )
         channels = tuple(self.teacher.channels)  # student stage i has teacher stage i's channels
         self.banks: nn.ModuleList | None = None
         if self.nfb_enabled:
             self.banks = nn.ModuleList(
-                NormalFeatureBank(c, c, self.nfb_top_k, nfb_cfg["weighting"], float(nfb_cfg["temperature"]))
+                NormalFeatureBank(
+                    c, c, self.nfb_top_k, nfb_cfg["weighting"], float(nfb_cfg["temperature"])
+                )
                 for c in channels
             )
         self.fusions = nn.ModuleList(
@@ -141,6 +163,7 @@ class NFERD(ReverseDistillation):
                 fusion,
                 c,
                 self.nfb_enabled,
+                hafm_cfg["merge"],
                 int(hafm_cfg["reduction"]),
                 int(hafm_cfg["kernel_size"]),
                 hafm_cfg["combine"],
@@ -148,7 +171,10 @@ class NFERD(ReverseDistillation):
             for c in channels
         )
         if not self.nfb_enabled and fusion in ("add", "concat"):
-            log.warning("model.fusion=%s without the normal feature bank has nothing to fuse: this is RD4AD", fusion)
+            log.warning(
+                "model.fusion=%s without the normal feature bank has nothing to fuse: this is RD4AD",
+                fusion,
+            )
 
     @property
     def decoder_stages(self) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -156,10 +182,6 @@ class NFERD(ReverseDistillation):
         return self.decoder.layer1, self.decoder.layer2, self.decoder.layer3
 
     # --- the normal feature bank ------------------------------------------------------------
-    @property
-    def bank_ready(self) -> bool:
-        return self.banks is None or all(bank.size > 0 for bank in self.banks)
-
     @torch.no_grad()
     def before_fit(self, train_loader: DataLoader) -> None:
         """Build the bank from ``N`` images of ``train_loader``'s dataset (the training split).
@@ -173,14 +195,24 @@ class NFERD(ReverseDistillation):
         try:
             num_images = len(dataset)
         except TypeError:
-            raise KDADError("model.nfb: the training loader's dataset must be indexable with a length") from None
+            raise KDADError(
+                "model.nfb: the training loader's dataset must be indexable with a length"
+            ) from None
         if num_images == 0:
             raise KDADError("model.nfb: no training images to build the normal feature bank from")
         indices = select_bank_images(num_images, self.nfb_size, self.nfb_seed)
         if len(indices) < self.nfb_size:
-            log.warning("model.nfb.size=%d but only %d training images: the bank holds all of them", self.nfb_size, num_images)
-        if min(self.nfb_top_k, len(indices)) < self.nfb_top_k:
-            log.warning("model.nfb.top_k=%d > bank size %d: recalling all entries", self.nfb_top_k, len(indices))
+            log.warning(
+                "model.nfb.size=%d but only %d training images: the bank holds all of them",
+                self.nfb_size,
+                num_images,
+            )
+        if len(indices) < self.nfb_top_k:
+            log.warning(
+                "model.nfb.top_k=%d > bank size %d: recalling all entries",
+                self.nfb_top_k,
+                len(indices),
+            )
         loader = DataLoader(
             Subset(dataset, indices),
             batch_size=train_loader.batch_size or 16,
@@ -194,12 +226,19 @@ class NFERD(ReverseDistillation):
             for stage, maps in enumerate(self.teacher(_images(batch).to(device))):
                 per_stage[stage].append(maps)
         teacher_maps = [torch.cat(maps) for maps in per_stage]
-        for bank, maps, size in zip(self.banks, teacher_maps, self._student_sizes(teacher_maps), strict=True):
+        for bank, maps, size in zip(
+            self.banks, teacher_maps, self._student_sizes(teacher_maps), strict=True
+        ):
             bank.store(maps, size)
         samples = getattr(dataset, "samples", None)
         if samples is not None:
-            names = [str(getattr(samples[i], "image_path", i)) for i in indices]
-            log.info("normal feature bank: %d training images (seed %d): %s", len(indices), self.nfb_seed, names)
+            names = [Path(str(getattr(samples[i], "image_path", i))).name for i in indices]
+            log.info(
+                "normal feature bank: %d training images (seed %d): %s",
+                len(indices),
+                self.nfb_seed,
+                names,
+            )
 
     def _student_sizes(self, teacher_maps: list[Tensor]) -> list[tuple[int, int]]:
         """Spatial size of each student stage, in teacher order, from one probe image."""
@@ -223,8 +262,13 @@ class NFERD(ReverseDistillation):
         stored = self.banks[-1].features
         deepest = targets[-1]
         if deepest.shape[-2:] != stored.shape[-2:]:
-            deepest = F.interpolate(deepest, size=stored.shape[-2:], mode="bilinear", align_corners=False)
-        sim = F.normalize(deepest.flatten(1), dim=1) @ F.normalize(stored.flatten(1).to(deepest.dtype), dim=1).T
+            deepest = F.interpolate(
+                deepest, size=stored.shape[-2:], mode="bilinear", align_corners=False
+            )
+        sim = (
+            F.normalize(deepest.flatten(1), dim=1)
+            @ F.normalize(stored.flatten(1).to(deepest.dtype), dim=1).T
+        )
         return sim > 1 - 1e-4
 
     # --- the variant's interface -------------------------------------------------------------

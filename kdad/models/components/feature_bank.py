@@ -61,7 +61,9 @@ class NormalFeatureBank(nn.Module):
     ) -> None:
         super().__init__()
         if weighting not in WEIGHTINGS:
-            raise KDADError(f"model.nfb.weighting={weighting!r}: expected one of {list(WEIGHTINGS)}")
+            raise KDADError(
+                f"model.nfb.weighting={weighting!r}: expected one of {list(WEIGHTINGS)}"
+            )
         if not temperature > 0:
             raise KDADError(f"model.nfb.temperature={temperature!r}: must be > 0")
         self.top_k, self.weighting, self.temperature = int(top_k), weighting, float(temperature)
@@ -85,15 +87,27 @@ class NormalFeatureBank(nn.Module):
     def store(self, teacher_maps: Tensor, size: tuple[int, int]) -> None:
         """Keep ``teacher_maps`` (N, C_t, h, w), bilinearly resized to the student stage's ``size``."""
         if tuple(teacher_maps.shape[-2:]) != tuple(size):
-            teacher_maps = F.interpolate(teacher_maps, size=size, mode="bilinear", align_corners=False)
+            teacher_maps = F.interpolate(
+                teacher_maps, size=size, mode="bilinear", align_corners=False
+            )
         self.features = teacher_maps.detach().float().contiguous()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # The bank's shape is only known after building: take the checkpoint's.
         stored = state_dict.get(prefix + "features")
-        if isinstance(stored, Tensor) and stored.dim() == 4 and stored.shape[1] == self.features.shape[1]:
-            self.features = torch.empty_like(stored, device=self.features.device, dtype=self.features.dtype)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if (
+            isinstance(stored, Tensor)
+            and stored.dim() == 4
+            and stored.shape[1] == self.features.shape[1]
+        ):
+            self.features = torch.empty_like(
+                stored, device=self.features.device, dtype=self.features.dtype
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def similarities(self, student: Tensor) -> tuple[Tensor, Tensor]:
         """Cosine similarities ``S`` (B, N) of each flattened student map with each projected entry,
@@ -129,9 +143,13 @@ class NormalFeatureBank(nn.Module):
         sim, bank = self.similarities(student)
         if exclude is not None:
             sim = sim.masked_fill(exclude, float("-inf"))
-        k = min(self.top_k, self.size - (int(exclude.sum(dim=1).max()) if exclude is not None else 0))
+        k = min(
+            self.top_k, self.size - (int(exclude.sum(dim=1).max()) if exclude is not None else 0)
+        )
         if k < 1:
-            raise KDADError("model.nfb: no bank entry left to recall after excluding the image itself")
+            raise KDADError(
+                "model.nfb: no bank entry left to recall after excluding the image itself"
+            )
         top_sim, top_idx = sim.topk(k, dim=1)
         mix = torch.zeros_like(sim).scatter(1, top_idx, self.weights(top_sim))
         return (mix @ bank.flatten(1)).view_as(student)

@@ -6,18 +6,23 @@ preserved while maintaining information between channels": channel attention and
 attention are applied *in parallel* to the same input (CBAM applies them in series), then
 combined. The attention branches are CBAM's (:mod:`kdad.models.components.attention`):
 
-    x   = ReLU(BN(conv1x1([s ; v])))              mix the student map s and the recall v
-    out = x * M_c(x) + x * M_s(x)                  combine="add" (default)
-    out = x * M_c(x) * M_s(x)                      combine="mul"
+    x   = s + v                                   merge="add" (default)
+    x   = ReLU(BN(conv1x1([s ; v])))              merge="concat"
+    out = x * M_c(x) + x * M_s(x)                 combine="add" (default)
+    out = x * M_c(x) * M_s(x)                     combine="mul"
 
-The text does not say how the branches are combined; ``add`` keeps each branch's refinement
-separately (neither gate can silence what the other keeps), ``mul`` is the joint 3-D gate.
+The text says neither how the two maps enter the module nor how the branches are combined.
+``merge="add"`` keeps a direct path from the decoder's map to the output: HAFM starts as
+``s + v`` (both gates ~0.5) and learns to re-weight channels and positions; the learned 1x1 mix
+(``concat``) replaces that path and trained less stably in our runs. ``combine="add"`` keeps
+each branch's refinement separately (neither gate can silence what the other keeps); ``mul`` is
+the joint 3-D gate.
 
-Fusion modes (``model.fusion``), all mixing ``[s ; v]`` the same way so that they differ only in
-what follows:
+Fusion modes (``model.fusion``), so that each differs from the next by one thing:
 
-- ``hafm``: the above;  ``cbam``: the same mix, then CBAM (series) instead of HAFM (parallel);
-- ``concat``: the mix alone;  ``add``: ``s + v``, no parameters;
+- ``add``: ``s + v`` (no parameters);  ``concat``: the 1x1 mix of ``[s ; v]`` alone;
+- ``hafm``: the merge (``model.hafm.merge``), then HAFM (parallel attention);
+- ``cbam``: the same merge, then CBAM (series attention);
 - ``none``: no fusion, the student map passes through (RD4AD).
 
 Without a bank (``model.nfb.enabled=false``) there is no ``v``: ``hafm`` and ``cbam`` then refine
@@ -36,6 +41,7 @@ from kdad.models.components.resnet_blocks import conv1x1, kaiming_init
 
 FUSIONS = ("hafm", "cbam", "add", "concat", "none")
 COMBINES = ("add", "mul")
+MERGES = ("add", "concat")
 
 
 class HybridAttention(nn.Module):
@@ -48,7 +54,9 @@ class HybridAttention(nn.Module):
         combine: ``add`` (x*M_c + x*M_s) or ``mul`` (x*M_c*M_s).
     """
 
-    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, combine: str = "add") -> None:
+    def __init__(
+        self, channels: int, reduction: int = 16, kernel_size: int = 7, combine: str = "add"
+    ) -> None:
         super().__init__()
         if combine not in COMBINES:
             raise KDADError(f"model.hafm.combine={combine!r}: expected one of {list(COMBINES)}")
@@ -70,6 +78,7 @@ class StageFusion(nn.Module):
         mode: one of :data:`FUSIONS`.
         channels: channels of the student stage.
         fuse_recall: whether the bank is on (a ``v`` is given to :meth:`forward`).
+        merge: how ``s`` and ``v`` enter HAFM/CBAM: ``add`` (s + v) or ``concat`` (the 1x1 mix).
         reduction, kernel_size, combine: HAFM/CBAM settings (``combine`` is HAFM's only).
     """
 
@@ -78,6 +87,7 @@ class StageFusion(nn.Module):
         mode: str,
         channels: int,
         fuse_recall: bool,
+        merge: str = "add",
         reduction: int = 16,
         kernel_size: int = 7,
         combine: str = "add",
@@ -85,30 +95,34 @@ class StageFusion(nn.Module):
         super().__init__()
         if mode not in FUSIONS:
             raise KDADError(f"model.fusion={mode!r}: expected one of {list(FUSIONS)}")
+        if merge not in MERGES:
+            raise KDADError(f"model.hafm.merge={merge!r}: expected one of {list(MERGES)}")
         self.mode, self.fuse_recall = mode, fuse_recall
-        self.mix: nn.Module | None = None
+        # add and concat are merges without attention; hafm and cbam attend to the merged map.
+        self.merge = {"add": "add", "concat": "concat"}.get(mode, merge) if fuse_recall else None
+        if mode == "none":
+            self.merge = None
+        self.mix = _mix(channels) if self.merge == "concat" else None
         self.attention: nn.Module | None = None
         if mode == "hafm":
-            self.mix = _mix(channels) if fuse_recall else None
             self.attention = HybridAttention(channels, reduction, kernel_size, combine)
         elif mode == "cbam":
-            self.mix = _mix(channels) if fuse_recall else None
             self.attention = CBAM(channels, reduction, kernel_size)
-        elif mode == "concat" and fuse_recall:
-            self.mix = _mix(channels)
 
     @property
     def passes_through(self) -> bool:
         """True when the stage returns the student map unchanged (RD4AD's behaviour)."""
-        return self.mix is None and self.attention is None and not (self.mode == "add" and self.fuse_recall)
+        return self.merge is None and self.attention is None
 
     def forward(self, student: Tensor, recalled: Tensor | None = None) -> Tensor:
-        if self.fuse_recall and recalled is None:
-            raise KDADError(f"model.fusion={self.mode}: this stage fuses a recalled map, but none was given")
-        if self.mode == "add" and self.fuse_recall:
-            return student + recalled
+        if self.merge is not None and recalled is None:
+            raise KDADError(
+                f"model.fusion={self.mode}: this stage fuses a recalled map, but none was given"
+            )
         x = student
-        if self.mix is not None:
+        if self.merge == "add":
+            x = student + recalled
+        elif self.merge == "concat":
             x = self.mix(torch.cat([student, recalled], dim=1))
         return x if self.attention is None else self.attention(x)
 
@@ -119,20 +133,28 @@ class HAFM(StageFusion):
     Args:
         channels: channels of the student stage.
         fuse_recall: whether a recalled map is fused (``False``: attention on the student map alone).
-        reduction, kernel_size, combine: see :class:`HybridAttention`.
+        merge, reduction, kernel_size, combine: see :class:`StageFusion` and :class:`HybridAttention`.
     """
 
     def __init__(
-        self, channels: int, fuse_recall: bool = True, reduction: int = 16, kernel_size: int = 7, combine: str = "add"
+        self,
+        channels: int,
+        fuse_recall: bool = True,
+        merge: str = "add",
+        reduction: int = 16,
+        kernel_size: int = 7,
+        combine: str = "add",
     ) -> None:
-        super().__init__("hafm", channels, fuse_recall, reduction, kernel_size, combine)
+        super().__init__("hafm", channels, fuse_recall, merge, reduction, kernel_size, combine)
 
 
 def _mix(channels: int) -> nn.Sequential:
     """[s ; v] (2C channels) -> C channels: 1x1 conv, BN, ReLU (non-negative like the decoder's output)."""
-    mix = nn.Sequential(conv1x1(2 * channels, channels), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+    mix = nn.Sequential(
+        conv1x1(2 * channels, channels), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)
+    )
     kaiming_init(mix)
     return mix
 
 
-__all__ = ["COMBINES", "FUSIONS", "HAFM", "HybridAttention", "StageFusion"]
+__all__ = ["COMBINES", "FUSIONS", "HAFM", "MERGES", "HybridAttention", "StageFusion"]

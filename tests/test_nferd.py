@@ -1,0 +1,400 @@
+"""NFERD: the normal feature bank, its recall, the fusion modes, checkpoints and a short real run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader, TensorDataset
+
+from kdad.checkpoint import load_module
+from kdad.cli import CONFIG_DIR
+from kdad.data import AnomalyDataModule
+from kdad.errors import KDADError
+from kdad.models.components.feature_bank import NormalFeatureBank, select_bank_images
+from kdad.models.components.hafm import FUSIONS, HAFM, StageFusion
+from kdad.models.nferd import HAFM_DEFAULTS, NFB_DEFAULTS, NFERD
+from kdad.models.rd4ad import ReverseDistillation
+
+SIZE = 64
+# The short real run: textures generated at the model's size (quick, no resizing), 30 normal
+# training images, no validation split (nothing to validate in 8 epochs).
+SYNTHETIC = {"resolution": SIZE, "num_train": 30}
+CATEGORY = "checker"
+
+
+def _nferd(**kwargs) -> NFERD:
+    kwargs.setdefault("nfb", {"size": 6, "top_k": 2})
+    return NFERD("resnet18", pretrained=False, **kwargs)
+
+
+def _images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def _loader(
+    images: torch.Tensor, batch_size: int = 4, shuffle: bool = True, seed: int = 0
+) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        TensorDataset(images), batch_size=batch_size, shuffle=shuffle, generator=generator
+    )
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kdad_cache")
+
+
+# --- recall on hand-made banks ---------------------------------------------------------------
+def _hand_made_bank(
+    weighting: str = "softmax", top_k: int = 2, temperature: float = 1.0
+) -> NormalFeatureBank:
+    bank = NormalFeatureBank(2, 2, top_k=top_k, weighting=weighting, temperature=temperature)
+    # Four 2x1x2 maps; flattened: e0, e1, e2, -e0 (plus a scale that cosine ignores).
+    flat = torch.tensor(
+        [[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0], [-1.0, 0.0, 0.0, 0.0]]
+    )
+    bank.store(flat.view(4, 2, 1, 2), size=(1, 2))
+    return bank
+
+
+@pytest.mark.parametrize("weighting", ["softmax", "uniform", "linear"])
+def test_recall_returns_top_k_and_weighted_sum(weighting: str) -> None:
+    bank = _hand_made_bank(weighting, top_k=2, temperature=0.5)
+    student = torch.tensor([[0.8, 0.6, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]).view(2, 2, 1, 2)
+    sim, _ = bank.similarities(student)  # projection starts as the identity
+    expected_sim = torch.tensor([[0.8, 0.6, 0.0, -0.8], [0.0, 0.0, 2**-0.5, 0.0]])
+    torch.testing.assert_close(sim, expected_sim)
+    top = [[0, 1], [2]]  # row 2: one clear winner, then a tie between entries 0, 1, 3 at 0
+    entries = bank.features.flatten(1)
+    recalled = bank(student).flatten(1)
+    # Row 1: entries 0 and 1 with similarities 0.8 and 0.6.
+    s = torch.tensor([0.8, 0.6])
+    w = {
+        "softmax": torch.softmax(s / 0.5, dim=0),
+        "uniform": torch.tensor([0.5, 0.5]),
+        "linear": s / s.sum(),
+    }[weighting]
+    torch.testing.assert_close(recalled[0], w[0] * entries[top[0][0]] + w[1] * entries[top[0][1]])
+    # Row 2: the best entry (index 2) carries the largest weight (equal for uniform).
+    assert recalled[1, 2] >= recalled[1].max() - 1e-6
+
+
+def test_recall_top_1_picks_most_similar_entry_and_respects_exclusion() -> None:
+    bank = _hand_made_bank(top_k=1)
+    student = bank.features[[2, 0, 1]] * 5.0  # scaled copies of entries 2, 0, 1
+    torch.testing.assert_close(bank(student), bank.features[[2, 0, 1]])
+    exclude = torch.zeros(3, 4, dtype=torch.bool)
+    exclude[0, 2] = True  # row 0 may not recall entry 2: its next best (cos 0) is any other; not 2
+    recalled = bank(student, exclude)
+    assert not torch.allclose(recalled[0], bank.features[2])
+    torch.testing.assert_close(recalled[1:], bank.features[[0, 1]])
+
+
+def test_recall_is_one_batched_matmul_over_the_bank() -> None:
+    """Recall of a batch equals the per-image recall (no cross-talk, no loop needed)."""
+    bank = NormalFeatureBank(8, 8, top_k=3)
+    bank.store(torch.rand(10, 8, 4, 4), size=(4, 4))
+    student = torch.rand(5, 8, 4, 4)
+    batched = bank(student)
+    single = torch.cat([bank(student[i : i + 1]) for i in range(5)])
+    torch.testing.assert_close(batched, single)
+
+
+def test_bank_resizes_teacher_maps_bilinearly_to_the_student_stage() -> None:
+    bank = NormalFeatureBank(3, 3)
+    maps = torch.rand(4, 3, 8, 8)
+    bank.store(maps, size=(4, 4))
+    torch.testing.assert_close(
+        bank.features, F.interpolate(maps, size=(4, 4), mode="bilinear", align_corners=False)
+    )
+
+
+def test_empty_bank_and_bad_settings_are_clear_errors() -> None:
+    model = _nferd()
+    with pytest.raises(KDADError, match="empty"):
+        model(_images(1))
+    with pytest.raises(KDADError, match="fusion=none"):
+        _nferd(fusion="none")
+    with pytest.raises(KDADError, match="top_k"):
+        _nferd(nfb={"size": 2, "top_k": 3})
+    with pytest.raises(KDADError, match="unknown key"):
+        _nferd(nfb={"sizes": 2})
+    with pytest.raises(KDADError, match=r"model\.fusion="):
+        _nferd(fusion="sum")
+
+
+def test_hafm_attends_in_parallel_unlike_cbam() -> None:
+    torch.manual_seed(0)
+    hafm = HAFM(32, merge="add").eval()
+    cbam = StageFusion("cbam", 32, fuse_recall=True).eval()
+    cbam.attention.load_state_dict(hafm.attention.state_dict())  # the same branch weights
+    s, v = torch.rand(2, 32, 6, 6), torch.rand(2, 32, 6, 6)
+    x = s + v
+    branch_c, branch_s = hafm.attention.channel, hafm.attention.spatial
+    torch.testing.assert_close(hafm(s, v), x * branch_c(x) + x * branch_s(x))
+    in_series = x * branch_c(x)
+    torch.testing.assert_close(cbam(s, v), in_series * branch_s(in_series))
+    assert not torch.allclose(hafm(s, v), cbam(s, v))
+    mul = HAFM(32, combine="mul").eval()
+    mul.attention.load_state_dict(hafm.attention.state_dict())
+    torch.testing.assert_close(mul(s, v), x * branch_c(x) * branch_s(x))
+    alone = HAFM(32, fuse_recall=False)  # no bank: attention on the student map only
+    assert alone.mix is None and alone(s).shape == s.shape
+
+
+# --- shapes, gradients, RD4AD equivalence ----------------------------------------------------
+@pytest.mark.parametrize(
+    ("backbone", "channels"),
+    [("resnet18", (64, 128, 256)), ("wide_resnet50_2", (256, 512, 1024))],
+)
+def test_shapes(backbone: str, channels: tuple[int, ...]) -> None:
+    model = NFERD(backbone, pretrained=False, nfb={"size": 3, "top_k": 2}).eval()
+    model.before_fit(_loader(_images(5), batch_size=2))
+    sizes = [SIZE // 4, SIZE // 8, SIZE // 16]
+    assert [tuple(b.features.shape) for b in model.banks] == [
+        (3, c, s, s) for c, s in zip(channels, sizes, strict=True)
+    ]
+    images = _images(2, seed=1)
+    pairs = model(images)
+    assert [t.shape[1] for t, _ in pairs] == list(channels)
+    assert all(t.shape == p.shape for t, p in pairs)
+    maps, scores = model.predict(images)
+    assert maps.shape == (2, 1, SIZE, SIZE) and scores.shape == (2,)
+    assert torch.isfinite(maps).all()
+
+
+@pytest.mark.parametrize(
+    ("fusion", "fused_to_decoder"),
+    [("hafm", True), ("cbam", True), ("add", True), ("concat", True), ("hafm", False)],
+)
+def test_every_fusion_mode_trains_and_only_the_student_gets_gradients(
+    fusion: str, fused_to_decoder: bool
+) -> None:
+    model = _nferd(fusion=fusion, fused_to_decoder=fused_to_decoder)
+    model.before_fit(_loader(_images(8)))
+    banks = [b.features.clone() for b in model.banks]
+    model.train()
+    assert not model.teacher.training
+    loss = model.loss(model(_images(4, seed=3)))
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert all(not b.features.requires_grad for b in model.banks)
+    trainable = dict(model.named_parameters())
+    assert any(n.startswith("banks.") for n in trainable)  # the 1x1 projections learn
+    for name, param in trainable.items():
+        if param.requires_grad and not name.startswith(
+            ("teacher.", "bn.conv4", "bn.bn4")
+        ):  # RD4AD's unused layer
+            assert param.grad is not None, f"{name} received no gradient"
+    assert all(torch.equal(a, b.features) for a, b in zip(banks, model.banks, strict=True))
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "wide_resnet50_2"])
+def test_without_bank_and_fusion_it_is_rd4ad(backbone: str) -> None:
+    with torch.device("meta"):  # names and shapes only: no memory, no init time
+        nferd = NFERD(backbone, pretrained=False, nfb={"enabled": False}, fusion="none")
+        rd = ReverseDistillation(backbone, pretrained=False)
+    shapes = {n: tuple(p.shape) for n, p in nferd.named_parameters()}
+    assert shapes == {n: tuple(p.shape) for n, p in rd.named_parameters()}
+    assert {n: tuple(b.shape) for n, b in nferd.named_buffers()} == {
+        n: tuple(b.shape) for n, b in rd.named_buffers()
+    }
+    assert nferd.state_dict().keys() == rd.state_dict().keys()
+
+
+def test_without_bank_and_fusion_it_computes_rd4ad() -> None:
+    nferd = NFERD("resnet18", pretrained=False, nfb={"enabled": False}, fusion="none")
+    rd = ReverseDistillation("resnet18", pretrained=False)
+    nferd.load_state_dict(rd.state_dict())  # strict: RD4AD checkpoints load as they are
+    images = _images(2)
+    for (t1, p1), (t2, p2) in zip(nferd.eval()(images), rd.eval()(images), strict=True):
+        assert torch.equal(t1, t2) and torch.equal(p1, p2)
+
+
+def test_bank_adds_parameters_only_where_it_should() -> None:
+    rd = ReverseDistillation("resnet18", pretrained=False).num_parameters(trainable=True)
+    add = _nferd(fusion="add").num_parameters(trainable=True)
+    assert add - rd == sum(c * c + c for c in (64, 128, 256))  # three 1x1 projections
+    attention_only = NFERD("resnet18", pretrained=False, nfb={"enabled": False}, fusion="hafm")
+    assert attention_only.banks is None and attention_only.num_parameters(trainable=True) > rd
+
+
+# --- building the bank: training images only, deterministic ----------------------------------
+def _datamodule(
+    cache_dir: Path, batch_size: int = 16, val_fraction: float = 0.0
+) -> AnomalyDataModule:
+    dm = AnomalyDataModule(
+        "synthetic",
+        str(cache_dir / "synthetic"),
+        CATEGORY,
+        image_size=SIZE,
+        batch_size=batch_size,
+        val_fraction=val_fraction,
+        split_seed=111,
+        synthetic=SYNTHETIC,
+    )
+    dm.setup()
+    return dm
+
+
+def test_bank_comes_only_from_training_images_whatever_the_loader_order(cache_dir: Path) -> None:
+    dm = _datamodule(cache_dir, val_fraction=0.2)  # a held-out split, to check it stays out
+    model = _nferd(nfb={"size": 5, "top_k": 2, "seed": 3}).eval()
+    model.before_fit(dm.train_dataloader())
+
+    def deepest(dataset) -> torch.Tensor:
+        images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+        with torch.no_grad():
+            return model.teacher(images)[-1].flatten(1)
+
+    stored = model.banks[-1].features.flatten(1)
+    train, val, test = deepest(dm.train_dataset), deepest(dm.val_dataset), deepest(dm.test_dataset)
+    expected = select_bank_images(len(dm.train_dataset), 5, 3)
+    for entry, index in zip(stored, expected, strict=True):
+        distance = (train - entry).abs().amax(dim=1)
+        assert distance.argmin().item() == index and distance.min() < 1e-4
+        for other in (val, test):  # no held-out or test image is in the bank
+            assert (other - entry).abs().amax(dim=1).min() > 1e-2
+    # Another shuffle and batch size (another rank, a resumed run) gives the same bank.
+    other = _nferd(nfb={"size": 5, "top_k": 2, "seed": 3}).eval()
+    other.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if "banks" not in k}, strict=False
+    )
+    torch.manual_seed(12345)
+    other.before_fit(_datamodule(cache_dir, batch_size=3, val_fraction=0.2).train_dataloader())
+    for a, b in zip(model.banks, other.banks, strict=True):
+        torch.testing.assert_close(a.features, b.features, rtol=0, atol=1e-5)
+    assert (
+        select_bank_images(20, 5, 0) == select_bank_images(20, 5, 0) != select_bank_images(20, 5, 1)
+    )
+    assert select_bank_images(3, 5, 0) == [0, 1, 2]
+
+
+def test_bank_loads_into_a_fresh_model_bit_for_bit() -> None:
+    model = _nferd()
+    model.before_fit(_loader(_images(9)))
+    state = model.state_dict()
+    fresh = _nferd()
+    assert all(b.size == 0 for b in fresh.banks)
+    fresh.load_state_dict(state)  # strict: the empty buffers take the stored shapes
+    for a, b in zip(model.banks, fresh.banks, strict=True):
+        assert torch.equal(a.features, b.features)
+    images = _images(2, seed=5)
+    assert torch.equal(model.eval().predict(images)[1], fresh.eval().predict(images)[1])
+
+
+# --- the real CLI: checkpoint, test-time use, separation -------------------------------------
+EPOCHS = 8
+# Measured with this exact command: image AUROC 0.82, pixel AUROC 0.75 (seed 111); over seeds
+# 111/1/2 image 0.73-0.82, pixel 0.73-0.78 (RD4AD spreads as much). Chance is 0.5.
+MIN_IMAGE_AUROC = 0.70
+MIN_PIXEL_AUROC = 0.65
+
+
+@pytest.fixture(scope="session")
+def cli_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    run_dir = tmp_path_factory.mktemp("nferd_run")
+    command = [
+        sys.executable,
+        "-m",
+        "kdad.train",
+        "model=nferd",
+        "model.backbone=resnet18",
+        "model.pretrained=false",
+        f"data.image_size={SIZE}",
+        f"data.category={CATEGORY}",
+        f"data.synthetic.resolution={SIZE}",
+        f"data.synthetic.num_train={SYNTHETIC['num_train']}",
+        "data.val_fraction=0",
+        f"trainer.max_epochs={EPOCHS}",
+        "seed=111",
+        "data.num_workers=0",
+        "logger=none",
+        "callbacks=none",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {**os.environ, "KDAD_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+def test_cli_run_separates_anomalies(cli_run: Path) -> None:
+    metrics = json.loads((cli_run / "metrics.json").read_text())
+    assert metrics["model"] == "nferd"
+    assert metrics["image_auroc"] > MIN_IMAGE_AUROC, metrics
+    assert metrics["pixel_auroc"] > MIN_PIXEL_AUROC, metrics
+
+
+def test_checkpoint_holds_the_bank_and_reloads_it_bit_for_bit(
+    cli_run: Path, cache_dir: Path
+) -> None:
+    path = cli_run / "checkpoints" / "last.ckpt"
+    stored = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    keys = [k for k in stored if k.endswith(".features") and ".banks." in k]
+    assert len(keys) == 3
+    module = load_module(path, expected_model="nferd")
+    buffers = dict(module.named_buffers())
+    for key in keys:
+        assert stored[key].shape[0] == 16  # model.nfb.size
+        assert torch.equal(buffers[key], stored[key])
+    # Test-time use: the reloaded model scores the test split as the run did.
+    dm = _datamodule(cache_dir)
+    labels, scores = [], []
+    with torch.no_grad():
+        for batch in dm.test_dataloader():
+            scores.append(module.net.predict(batch["image"])[1])
+            labels.append(batch["label"])
+    auroc = roc_auc_score(torch.cat(labels).numpy(), torch.cat(scores).numpy())
+    metrics = json.loads((cli_run / "metrics.json").read_text())
+    assert auroc == pytest.approx(metrics["image_auroc"], abs=1e-6)
+    # The stored bank is the one the training split gives (rebuilt with the stored teacher).
+    stored_banks = [b.features.clone() for b in module.net.banks]
+    module.net.before_fit(dm.train_dataloader())
+    for before, bank in zip(stored_banks, module.net.banks, strict=True):
+        torch.testing.assert_close(bank.features, before, rtol=0, atol=1e-5)
+
+
+# --- configs --------------------------------------------------------------------------------
+def test_model_config_has_the_switches_and_paper_defaults() -> None:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["model=nferd"])
+    assert cfg.model_name == "nferd"
+    assert cfg.model.backbone == "wide_resnet50_2.tv_in1k" and cfg.data.image_size == 256
+    assert set(cfg.model.nfb) >= {"enabled", "size", "top_k", "seed"} and cfg.model.fusion == "hafm"
+    # Every switch is in the YAML, with the constructor's defaults (overridable, sweepable).
+    assert dict(cfg.model.nfb) == NFB_DEFAULTS and dict(cfg.model.hafm) == HAFM_DEFAULTS
+    assert cfg.optimizer.lr == 0.005 and list(cfg.optimizer.betas) == [0.5, 0.999]
+
+
+def test_ablation_experiment_is_a_multirun_grid_of_valid_models() -> None:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=nferd_ablation"], return_hydra_config=True)
+    assert cfg.model_name == "nferd" and str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    params = cfg.hydra.sweeper.params
+    assert set(params) == {"model.fusion", "model.nfb"}
+    sweeps = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    values = {o.key_or_group: list(o.sweep_iterator()) for o in sweeps}
+    assert set(values["model.fusion"]) == set(FUSIONS) - {"none"}
+    banks = values["model.nfb"]
+    on = {(b["size"], b["top_k"]) for b in banks if b["enabled"]}
+    assert on == {(n, k) for n in (8, 16, 32) for k in (1, 3, 5)}  # N x K
+    assert sum(not b["enabled"] for b in banks) == 1  # off once: no duplicate runs
+    # Every job of the grid builds (names and shapes only, on the meta device).
+    for enabled in (True, False):
+        bank = next(b for b in banks if b["enabled"] == enabled)
+        for fusion in values["model.fusion"]:
+            with torch.device("meta"):
+                model = NFERD("resnet18", pretrained=False, nfb=dict(bank), fusion=fusion)
+            assert (model.banks is not None) == enabled
