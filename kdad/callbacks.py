@@ -143,7 +143,7 @@ class HeatmapWriter(L.Callback):
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
         preprocess = getattr(trainer.datamodule, "preprocess", None)
-        if self.num_images <= 0 or not trainer.is_global_zero or preprocess is None:
+        if self.num_images <= 0 or preprocess is None:
             return
         for i, defect in enumerate(batch["defect_type"]):
             group = "good" if int(batch["label"][i]) == 0 else str(defect)
@@ -173,8 +173,15 @@ class HeatmapWriter(L.Callback):
         return chosen + normals[: self.num_images - len(chosen)]
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not getattr(self, "_candidates", None) or not trainer.is_global_zero:
+        # Under DDP every process saw a share of the test set: pool their candidates so the
+        # panels are the ones a single process would choose (test order = path order).
+        pooled: dict[str, list[dict[str, Any]]] = {}
+        for part in _gather_objects(trainer, [getattr(self, "_candidates", {})]):
+            for group, items in part.items():
+                pooled.setdefault(group, []).extend(items)
+        if not trainer.is_global_zero or not pooled:
             return
+        self._candidates = {g: sorted(items, key=lambda k: k["path"])[: self.num_images] for g, items in pooled.items()}
         chosen = self._choose()
         vmin = min(float(k["map"].min()) for k in chosen)
         vmax = max(float(k["map"].max()) for k in chosen)

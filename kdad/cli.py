@@ -70,6 +70,24 @@ def is_multirun() -> bool:
         return False
 
 
+def prepare_ddp_relaunch() -> None:
+    """Make Lightning's DDP re-launch of this script start *this job* in *this folder*.
+
+    For ``strategy=ddp`` Lightning starts ranks 1..N-1 by re-running ``sys.argv`` with
+    ``hydra.run.dir=<hydra.run.dir>`` appended. In a multirun that would re-run the whole sweep
+    into a fresh folder; here each job narrows ``sys.argv`` to its own overrides and points
+    ``hydra.run.dir`` at its own output folder, so one run stays one folder.
+    """
+    if not is_multirun():
+        return
+    from omegaconf import read_write
+
+    hydra_cfg = HydraConfig.get()
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg.run):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("kdad_gpu_slot"):
         OmegaConf.register_new_resolver("kdad_gpu_slot", _gpu_slot)

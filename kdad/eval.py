@@ -2,8 +2,9 @@
 
     kdad-eval ckpt_path=logs/train/runs/X/checkpoints/last.ckpt data=mvtec data.category=bottle
 
-The variant, its weights and its preprocessing come from the checkpoint. Naming a model
-(``model=rd``) checks that the checkpoint is one.
+The variant, its weights and its preprocessing come from the checkpoint (``ckpt_path`` may also
+be a kdad-train run folder: its checkpoints/last.ckpt). Naming a model (``model=rd``) checks
+that the checkpoint is one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdad import cli
 from kdad.callbacks import SpeedMonitor
 from kdad.checkpoint import load_module
+from kdad.download import instantiate_data
 from kdad.errors import KDADError
 from kdad.results import write_text_atomic
 from kdad.train import build_trainer, write_run_results
@@ -39,8 +41,9 @@ def evaluate(cfg: DictConfig) -> float | None:
             trained["image_size"],
             cfg.data.image_size,
         )
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule = instantiate_data(cfg.data)
     speed = SpeedMonitor()
+    cli.prepare_ddp_relaunch()
     trainer = build_trainer(cfg, [speed])
     trainer.test(module, datamodule=datamodule)
     results = write_run_results(cfg.seed, trainer, module, datamodule, speed)

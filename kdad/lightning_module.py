@@ -7,16 +7,23 @@ held-out normal training images, and the test step turns ``net.predict`` into me
 Everything needed to rebuild the module lives in its hyper-parameters as plain data (the
 model's Hydra config, the optimiser and scheduler partials, the preprocessing), so a checkpoint
 is self-describing: :func:`kdad.checkpoint.load_module` rebuilds it without the user's config.
+Besides the weights, a checkpoint's ``kdad`` entry holds the decision thresholds fit after
+training (:mod:`kdad.thresholds`) and the random-number state at the end of the last finished
+epoch, so that a resumed run continues exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import hashlib
+import random
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
+import numpy as np
+import torch
+from hydra.utils import get_class, instantiate
 from torch import Tensor, nn
 
 from kdad.errors import KDADError
@@ -27,8 +34,44 @@ from kdad.models.base import DistillationModel
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
+def _nested_targets(value: Any, path: str) -> list[str]:
+    if isinstance(value, Mapping):
+        found = [path] if "_target_" in value and path else []
+        for key, item in value.items():
+            found += _nested_targets(item, f"{path}.{key}" if path else str(key))
+        return found
+    if isinstance(value, list | tuple):
+        return [p for i, item in enumerate(value) for p in _nested_targets(item, f"{path}.{i}")]
+    return []
+
+
+def check_model_target(model: Mapping[str, Any]) -> type[DistillationModel]:
+    """The variant class ``model["_target_"]`` names, checked *before* anything is called.
+
+    A config (or a checkpoint's hyper-parameters) could otherwise make ``instantiate`` call
+    any importable function: only a :class:`DistillationModel` subclass is accepted, and no
+    nested ``_target_`` (arguments are plain data).
+    """
+    target = model.get("_target_") if isinstance(model, Mapping) else None
+    if not isinstance(target, str) or not target:
+        raise KDADError(
+            "model._target_ is missing: the model config must name a kdad variant class"
+        )
+    try:
+        cls = get_class(target)
+    except Exception:
+        raise KDADError(f"model._target_={target}: not an importable class") from None
+    if not (isinstance(cls, type) and issubclass(cls, DistillationModel)):
+        raise KDADError(f"model._target_={target} is not a kdad DistillationModel")
+    nested = _nested_targets({k: v for k, v in model.items() if k != "_target_"}, "")
+    if nested:
+        raise KDADError(f"model.{nested[0]}: nested _target_ is not allowed in a model config")
+    return cls
+
+
 def build_net(model: Mapping[str, Any]) -> DistillationModel:
     """Instantiate a variant from its Hydra config (a mapping with ``_target_``)."""
+    check_model_target(model)
     try:
         net = instantiate(dict(model), _convert_="all")
     except KDADError:
@@ -67,9 +110,17 @@ class DistillationModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net = build_net(model)
+        # Buffers every rank builds identically (NFERD's feature bank) need no DDP broadcast,
+        # which would re-send them every step.
+        self._ddp_params_and_buffers_to_ignore = [
+            f"net.{name}" for name, _ in self.net.named_buffers() if name.endswith(".features")
+        ]
         self.test_metrics = nn.ModuleDict(build_metrics())
         self.train_stats: dict[str, float] = {}
         self.test_results: dict[str, float] = {}
+        # Fit on validation data after training (kdad.thresholds); None until then.
+        self.thresholds: dict[str, Any] | None = None
+        self._epoch_end_rng: dict[str, Any] | None = None
 
     # --- training -------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -84,6 +135,11 @@ class DistillationModule(L.LightningModule):
             "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(images)
         )
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        # The state the next epoch starts from (its shuffling draws from it). Checkpoints
+        # store this one, not the state at saving time, which later work may have advanced.
+        self._epoch_end_rng = capture_rng_state()
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         images = batch["image"]
@@ -133,10 +189,88 @@ class DistillationModule(L.LightningModule):
             "format": 1,
             "model_name": self.hparams.model_name,
             "train_stats": dict(self.train_stats),
+            "thresholds": self.thresholds,
+            "rng": self._epoch_end_rng,
+            # Lets a loader detect weights corrupted or modified after saving.
+            "state_dict_sha256": state_dict_digest(checkpoint["state_dict"])
+            if "state_dict" in checkpoint
+            else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.train_stats = dict(checkpoint.get("kdad", {}).get("train_stats", {}))
+        meta = checkpoint.get("kdad", {})
+        self.train_stats = dict(meta.get("train_stats", {}))
+        self.thresholds = meta.get("thresholds")
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == "fit" and meta.get("rng"):
+            # Resuming: continue the random streams where the checkpointed epoch ended.
+            self._epoch_end_rng = meta["rng"]
+            restore_rng_state(meta["rng"])
 
 
-__all__ = ["DistillationModule", "build_net"]
+def state_dict_digest(state_dict: Mapping[str, Any]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a state dict's tensors, in order."""
+    digest = hashlib.sha256()
+    for key, value in state_dict.items():
+        if not isinstance(value, Tensor):
+            continue
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and Python random states as tensors and plain data, so a
+    checkpoint holding them still loads with ``torch.load(weights_only=True)``."""
+    version, python_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(python_state, dtype=torch.int64),
+            "gauss": gauss,
+        },
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    cuda = list(state.get("cuda") or [])
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    python_state = state["python"]
+    random.setstate(
+        (python_state["version"], tuple(python_state["state"].tolist()), python_state["gauss"])
+    )
+
+
+__all__ = [
+    "DistillationModule",
+    "build_net",
+    "capture_rng_state",
+    "check_model_target",
+    "restore_rng_state",
+    "state_dict_digest",
+]

@@ -3,6 +3,10 @@
 kdad-train model=stfpm data=mvtec data.category=bottle logger=wandb
 kdad-train -m model=rd,stfpm data.category=stripes,checker
 kdad-train experiment=demo
+kdad-train ckpt_path=logs/train/runs/<run>     # resume a killed run from its last.ckpt
+
+After fitting, the decision thresholds are fit on the validation split (never the test set,
+see :mod:`kdad.thresholds`) and the final checkpoint is saved with them.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from kdad import cli
+from kdad import thresholds as kdad_thresholds
 from kdad.callbacks import SpeedMonitor
+from kdad.checkpoint import checkpoint_model_name, read_checkpoint, write_checkpoint
+from kdad.download import instantiate_data
 from kdad.errors import KDADError
 from kdad.lightning_module import DistillationModule
 from kdad.results import build_results, write_json_atomic, write_text_atomic
@@ -93,12 +100,73 @@ def write_run_results(
 
 
 def _resume_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
+    """The checkpoint to resume from: ``last`` (this run folder's last.ckpt), a run folder
+    (its checkpoints/last.ckpt) or a checkpoint file; checked to be a kdad checkpoint of the
+    configured variant before Lightning reads it."""
     if not cfg.get("ckpt_path"):
         return None
-    path = ckpt_dir / "last.ckpt" if str(cfg.ckpt_path) == "last" else Path(str(cfg.ckpt_path))
+    given = str(cfg.ckpt_path)
+    path = ckpt_dir / "last.ckpt" if given == "last" else Path(given).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
     if not path.is_file():
-        raise KDADError(f"ckpt_path={cfg.ckpt_path}: no checkpoint at {path}")
+        hint = (
+            " (pass hydra.run.dir=<the run folder> with ckpt_path=last)" if given == "last" else ""
+        )
+        raise KDADError(f"ckpt_path={given}: no checkpoint at {path}{hint}")
+    name = checkpoint_model_name(read_checkpoint(path))
+    if name != str(cfg.model_name):
+        raise KDADError(
+            f"ckpt_path={given} holds a model={name} checkpoint, but this run trains model={cfg.model_name}; "
+            f"pass model={name} to resume it"
+        )
+    log.info("resuming from %s", path)
     return str(path)
+
+
+def fit_thresholds(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    module: DistillationModule,
+    datamodule: Any,
+    weights: str = "final",
+) -> None:
+    """Fit the decision thresholds on the validation split (never the test set) and keep them
+    on the module, so every checkpoint saved afterwards carries them."""
+    settings = kdad_thresholds.settings(cfg.get("thresholds"))
+    if datamodule.val_dataset is None:
+        module.thresholds = None
+        log.warning(
+            "no validation split (data.val_fraction=0): no thresholds were fit, so the checkpoint "
+            "holds none and kdad-predict reports raw scores only (no normalised score or label) "
+            "unless given image_threshold=/pixel_threshold=; train with data.val_fraction>0 to fit them"
+        )
+        return
+    device = trainer.strategy.root_device
+    module.to(device)
+    module.thresholds = kdad_thresholds.fit_thresholds(
+        module.net, datamodule.val_dataloader(), settings, device
+    )
+    log.info("thresholds (%s weights): %s", weights, kdad_thresholds.describe(module.thresholds))
+
+
+def _add_thresholds_to_best(
+    cfg: DictConfig, trainer: L.Trainer, module: DistillationModule, datamodule: Any, best: str
+) -> dict[str, Any] | None:
+    """Fit thresholds on the best weights too and store them in best.ckpt (weights untouched);
+    return them."""
+    checkpoint = read_checkpoint(best)
+    final_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    final_thresholds = module.thresholds
+    module.load_state_dict(checkpoint["state_dict"])
+    fit_thresholds(cfg, trainer, module, datamodule, weights="best")
+    if trainer.is_global_zero:
+        checkpoint["kdad"]["thresholds"] = module.thresholds
+        write_checkpoint(checkpoint, best)
+    best_thresholds = module.thresholds
+    module.load_state_dict(final_state)
+    module.thresholds = final_thresholds
+    return best_thresholds
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -108,7 +176,7 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(int(cfg.seed), workers=True)
     cli.prepare_wandb(cfg)
 
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule = instantiate_data(cfg.data)
     datamodule.setup("fit")
     if datamodule.val_dataset is None and cfg.get("test_ckpt") == "best":
         raise KDADError(
@@ -122,6 +190,7 @@ def train(cfg: DictConfig) -> float | None:
         cfg.callbacks.model_checkpoint.monitor = None  # nothing to monitor without validation
 
     module = build_module(cfg, datamodule)
+    cli.prepare_ddp_relaunch()
     speed = SpeedMonitor()
     # Without validation images, tell Lightning so instead of letting it warn about an empty loader.
     trainer = build_trainer(
@@ -130,17 +199,30 @@ def train(cfg: DictConfig) -> float | None:
     log_run_config(trainer, cfg, module)
 
     ckpt_dir = out / "checkpoints"
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, ckpt_dir))
+    kdad_thresholds.settings(cfg.get("thresholds"))  # config mistakes before, not after, training
+    trainer.fit(
+        module, datamodule=datamodule, ckpt_path=_resume_path(cfg, ckpt_dir), weights_only=True
+    )
+    # Thresholds first, then the final checkpoint: it must carry them.
+    fit_thresholds(cfg, trainer, module, datamodule)
     final = ckpt_dir / "last.ckpt"
-    trainer.save_checkpoint(
-        final, weights_only=False
-    )  # final weights + optimizer state, for resuming
+    # Final weights + optimizer state (for resuming) + thresholds.
+    trainer.save_checkpoint(final, weights_only=False)
+
+    best, tested_thresholds = "", module.thresholds
+    if cfg.get("test_ckpt") == "best":
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if best and Path(best).is_file():
+            tested_thresholds = _add_thresholds_to_best(cfg, trainer, module, datamodule, best)
+    if trainer.is_global_zero:
+        write_json_atomic(
+            out / "thresholds.json", _thresholds_record(tested_thresholds, best or str(final))
+        )
 
     if not cfg.get("test", True):
         return None
     test_ckpt = str(final)
     if cfg.get("test_ckpt") == "best":
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             raise KDADError(
                 "test_ckpt=best but no best checkpoint was saved (callbacks.model_checkpoint.monitor is unset)"
@@ -156,6 +238,17 @@ def train(cfg: DictConfig) -> float | None:
             )
         return float(results[metric])
     return None
+
+
+def _thresholds_record(fitted: dict[str, Any] | None, checkpoint: str) -> dict[str, Any]:
+    """thresholds.json: the thresholds of the checkpoint that is tested, flat for readers."""
+    record: dict[str, Any] = {"checkpoint": str(checkpoint), "fitted": fitted is not None}
+    for level in ("image", "pixel"):
+        values = (fitted or {}).get(level) or {}
+        for key in ("threshold", "method", "quantile", "center", "scale"):
+            record[f"{level}_{key}"] = values.get(key)
+    record["num_validation_images"] = (fitted or {}).get("num_images", 0)
+    return record
 
 
 @hydra.main(version_base="1.3", config_path=cli.CONFIG_DIR, config_name="train")
