@@ -7,7 +7,7 @@ STAMP := $(VENV)/.kdad-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train test test-all lint format clean
+.PHONY: help install train test lint format bench clean
 
 help:
 	@echo "make train   set up .venv and run the built-in demo (synthetic data, CPU, a few minutes)"
@@ -30,9 +30,6 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
-
-test-all: install
-	$(BIN)/python -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
