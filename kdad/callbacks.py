@@ -181,7 +181,10 @@ class HeatmapWriter(L.Callback):
                 pooled.setdefault(group, []).extend(items)
         if not trainer.is_global_zero or not pooled:
             return
-        self._candidates = {g: sorted(items, key=lambda k: k["path"])[: self.num_images] for g, items in pooled.items()}
+        self._candidates = {
+            g: sorted(items, key=lambda k: k["path"])[: self.num_images]
+            for g, items in pooled.items()
+        }
         chosen = self._choose()
         vmin = min(float(k["map"].min()) for k in chosen)
         vmax = max(float(k["map"].max()) for k in chosen)

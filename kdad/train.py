@@ -42,6 +42,8 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DistillationModule:
         else None,
         model_name=str(cfg.model_name),
         preprocess=preprocess,
+        channels_last=bool(cfg.get("channels_last", False)),
+        compile=bool(cfg.get("compile", False)),
     )
 
 

@@ -32,12 +32,24 @@ from kdad.models.nferd import NFERD
 from kdad.models.rd4ad import ReverseDistillation
 
 
+def fill_bank(net: torch.nn.Module, size: int, device: torch.device) -> None:
+    """NFERD: build its normal feature bank from random images, as before_fit does."""
+    if getattr(net, "banks", None) is None:
+        return
+    from torch.utils.data import DataLoader
+
+    images = [{"image": torch.randn(3, size, size)} for _ in range(max(int(net.nfb_size), 1))]
+    net.to(device).before_fit(DataLoader(images, batch_size=8))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def measure(step: Callable[[torch.Tensor], None], batch: torch.Tensor, steps: int, windows: int, warmup: int) -> float:
+def measure(
+    step: Callable[[torch.Tensor], None], batch: torch.Tensor, steps: int, windows: int, warmup: int
+) -> float:
     """Median images/second over ``windows`` windows of ``steps`` training steps."""
     for _ in range(warmup):
         step(batch)
@@ -69,16 +81,26 @@ def kdad_step(net: torch.nn.Module, bf16: bool, fused: bool) -> Callable[[torch.
     return step
 
 
-def anomalib_step(backbone: str, size: int, device: torch.device, bf16: bool) -> Callable[[torch.Tensor], None]:
+def anomalib_step(
+    backbone: str, size: int, device: torch.device, bf16: bool
+) -> Callable[[torch.Tensor], None]:
     from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss
     from anomalib.models.image.reverse_distillation.torch_model import ReverseDistillationModel
 
     model = ReverseDistillationModel(
-        backbone=backbone, input_size=(size, size), layers=["layer1", "layer2", "layer3"], anomaly_map_mode="add", pre_trained=False
+        backbone=backbone,
+        input_size=(size, size),
+        layers=["layer1", "layer2", "layer3"],
+        anomaly_map_mode="add",
+        pre_trained=False,
     ).to(device)
     loss_fn = ReverseDistillationLoss()
     # anomalib's configure_optimizers: Adam over decoder + bottleneck, lr 0.005, betas (0.5, 0.99).
-    optimizer = torch.optim.Adam(list(model.decoder.parameters()) + list(model.bottleneck.parameters()), lr=0.005, betas=(0.5, 0.99))
+    optimizer = torch.optim.Adam(
+        list(model.decoder.parameters()) + list(model.bottleneck.parameters()),
+        lr=0.005,
+        betas=(0.5, 0.99),
+    )
     model.train()
 
     def step(images: torch.Tensor) -> None:
@@ -92,7 +114,9 @@ def anomalib_step(backbone: str, size: int, device: torch.device, bf16: bool) ->
     return step
 
 
-def build_kdad(name: str, backbone: str, device: torch.device, channels_last: bool) -> torch.nn.Module:
+def build_kdad(
+    name: str, backbone: str, size: int, device: torch.device, channels_last: bool
+) -> torch.nn.Module:
     if name == "rd":
         net = ReverseDistillation(backbone, pretrained=False)
     elif name == "hkt_plus":
@@ -102,6 +126,7 @@ def build_kdad(name: str, backbone: str, device: torch.device, channels_last: bo
     else:
         raise ValueError(name)
     net = net.to(device)
+    fill_bank(net, size, device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net
@@ -111,7 +136,12 @@ def versions() -> dict[str, str]:
     import lightning
     import timm
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__, "timm": timm.__version__}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "timm": timm.__version__,
+    }
     try:
         import anomalib
 
@@ -119,7 +149,9 @@ def versions() -> dict[str, str]:
     except ImportError:
         out["anomalib"] = "not installed"
     try:
-        out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        out["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         out["commit"] = "unknown"
     out["cpu"] = platform.processor() or platform.machine()
@@ -140,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--models", default="rd,hkt_plus,nferd")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for both frameworks")
-    parser.add_argument("--channels-last", action="store_true", help="kdad: channels_last memory format")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="kdad: channels_last memory format"
+    )
     parser.add_argument("--fused", action="store_true", help="kdad: fused Adam (CUDA)")
     parser.add_argument("--no-anomalib", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="write <out>.md and <out>.json")
@@ -152,12 +186,22 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     reference = None
     if not args.no_anomalib:
-        reference = measure(anomalib_step(args.backbone, args.size, device, args.bf16), batch, args.steps, args.windows, args.warmup)
+        reference = measure(
+            anomalib_step(args.backbone, args.size, device, args.bf16),
+            batch,
+            args.steps,
+            args.windows,
+            args.warmup,
+        )
         rows.append(("anomalib ReverseDistillation", reference))
-    kdad_batch = batch.contiguous(memory_format=torch.channels_last) if args.channels_last else batch
+    kdad_batch = (
+        batch.contiguous(memory_format=torch.channels_last) if args.channels_last else batch
+    )
     for name in args.models.split(","):
-        net = build_kdad(name, args.backbone, device, args.channels_last)
-        rate = measure(kdad_step(net, args.bf16, args.fused), kdad_batch, args.steps, args.windows, args.warmup)
+        net = build_kdad(name, args.backbone, args.size, device, args.channels_last)
+        rate = measure(
+            kdad_step(net, args.bf16, args.fused), kdad_batch, args.steps, args.windows, args.warmup
+        )
         rows.append((f"kdad {name}", rate))
         del net
     lines = [
@@ -175,7 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".md").write_text(text)
-        record = {"args": {k: str(v) for k, v in vars(args).items()}, "versions": versions(), "rows": rows, "command": " ".join(sys.argv)}
+        record = {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "versions": versions(),
+            "rows": rows,
+            "command": " ".join(sys.argv),
+        }
         args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     return 0
 

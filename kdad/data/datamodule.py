@@ -76,6 +76,8 @@ class AnomalyDataModule(L.LightningDataModule):
         test_fraction: float | None = None,
         synthetic: Mapping | None = None,
         pin_memory: bool = False,
+        cache: bool | str = "auto",
+        cache_max_gb: float = 4.0,
     ) -> None:
         super().__init__()
         if layout not in LAYOUTS:
@@ -119,6 +121,9 @@ class AnomalyDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
+        if cache not in (True, False, "auto"):
+            raise KDADError(f"data.cache={cache!r}: expected true, false or auto")
+        self.cache, self.cache_max_gb = cache, float(cache_max_gb)
         self.val_fraction, self.split_seed = float(val_fraction), split_seed
         self.folder_args = folder_args
         self.synthetic = dict(synthetic or {})
@@ -188,6 +193,19 @@ class AnomalyDataModule(L.LightningDataModule):
         self.train_dataset = AnomalyDataset(train, self.preprocess)
         self.val_dataset = AnomalyDataset(val, self.preprocess) if val else None
         self.test_dataset = AnomalyDataset(test, self.preprocess)
+        self._maybe_cache()
+
+    def _maybe_cache(self) -> None:
+        """Keep the preprocessed training/validation tensors in memory (``data.cache``).
+
+        They are read every epoch; the test set is read once and is never cached. ``auto``
+        caches when they fit in ``data.cache_max_gb``.
+        """
+        datasets = [d for d in (self.train_dataset, self.val_dataset) if d is not None]
+        size = sum(d.cache_bytes() for d in datasets)
+        if self.cache is True or (self.cache == "auto" and size <= self.cache_max_gb * 2**30):
+            for dataset in datasets:
+                dataset.preload()
 
     def _loader(self, dataset: AnomalyDataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(
