@@ -9,59 +9,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from clirun import DATA, TINY, run
 from wandb_reader import find_run_files, read_run
 
 from kdad.results import RESULT_KEYS
-
-DATA = [
-    "data.image_size=64",
-    "data.num_workers=0",
-    "data.synthetic.resolution=64",
-    "data.synthetic.num_train=16",
-    "data.synthetic.num_test_good=6",
-    "data.synthetic.num_test_per_defect=2",
-]
-TINY = ["model.backbone=resnet18", "model.pretrained=false", *DATA, "trainer.max_epochs=1"]
-
-
-@pytest.fixture(scope="session")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Environment for the subprocesses: a shared synthetic-data cache, no network, no account."""
-    cache = tmp_path_factory.mktemp("kdad_cache")
-    return {
-        **os.environ,
-        "KDAD_CACHE_DIR": str(cache),
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "WANDB_DISABLE_GIT": "true",
-        "PYTHONUNBUFFERED": "1",
-    }
-
-
-def run(
-    module: str, args: list[str], env: dict[str, str], cwd: Path, expect: int = 0
-) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if proc.returncode != expect:
-        raise AssertionError(
-            f"{module} {args} exited {proc.returncode}, expected {expect}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        )
-    return proc
 
 
 @pytest.fixture(scope="module")

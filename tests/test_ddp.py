@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from test_cli import DATA, TINY, env, run  # noqa: F401  (session fixture + runner)
+from clirun import DATA, TINY, run
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend"
+)
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_ap")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def checkpoint(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ddp_train")
     run("kdad.train", [*TINY, "logger=none", "callbacks=none", f"hydra.run.dir={out}"], env, out)
     return out / "checkpoints" / "last.ckpt"
@@ -30,10 +32,28 @@ def _scores(folder: Path) -> list[tuple[str, float]]:
         return [(row["path"], float(row["score"])) for row in csv.DictReader(handle)]
 
 
-def test_ddp_sim_eval_equals_single_process(checkpoint: Path, env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+def test_ddp_sim_eval_equals_single_process(
+    checkpoint: Path, env: dict[str, str], tmp_path: Path
+) -> None:
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    run("kdad.eval", [*DATA, f"ckpt_path={checkpoint}", "logger=none", f"hydra.run.dir={single}"], env, tmp_path)
-    run("kdad.eval", [*DATA, f"ckpt_path={checkpoint}", "logger=none", "trainer=ddp_sim", f"hydra.run.dir={ddp}"], env, tmp_path)
+    run(
+        "kdad.eval",
+        [*DATA, f"ckpt_path={checkpoint}", "logger=none", f"hydra.run.dir={single}"],
+        env,
+        tmp_path,
+    )
+    run(
+        "kdad.eval",
+        [
+            *DATA,
+            f"ckpt_path={checkpoint}",
+            "logger=none",
+            "trainer=ddp_sim",
+            f"hydra.run.dir={ddp}",
+        ],
+        env,
+        tmp_path,
+    )
     one, two = (json.loads((d / "metrics.json").read_text()) for d in (single, ddp))
     for key in METRICS:
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
@@ -44,9 +64,24 @@ def test_ddp_sim_eval_equals_single_process(checkpoint: Path, env: dict[str, str
     assert len(list((ddp / "images").glob("*.png"))) == 16  # written once, by rank 0
 
 
-def test_ddp_sim_training_in_a_multirun_keeps_one_folder_per_run(env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+def test_ddp_sim_training_in_a_multirun_keeps_one_folder_per_run(
+    env: dict[str, str], tmp_path: Path
+) -> None:
     sweep = tmp_path / "sweep"
-    run("kdad.train", ["-m", *TINY, "trainer=ddp_sim", "logger=none", "callbacks=none", "seed=7", f"hydra.sweep.dir={sweep}"], env, tmp_path)
+    run(
+        "kdad.train",
+        [
+            "-m",
+            *TINY,
+            "trainer=ddp_sim",
+            "logger=none",
+            "callbacks=none",
+            "seed=7",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        env,
+        tmp_path,
+    )
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert jobs == ["0"]  # no stray folders from the second rank
     metrics = json.loads((sweep / "0" / "metrics.json").read_text())

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_cli import env, run  # noqa: F401  (session fixture + runner)
+from clirun import run
 
 BUDGET = [
     "model.backbone=resnet18",
@@ -44,7 +44,7 @@ def epoch_losses(run_dir: Path) -> list[float]:
 
 
 @pytest.mark.parametrize("model", ["rd", "stfpm"])
-def test_short_run_learns_and_separates(model: str, env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+def test_short_run_learns_and_separates(model: str, env: dict[str, str], tmp_path: Path) -> None:
     run("kdad.train", [f"model={model}", *BUDGET, f"hydra.run.dir={tmp_path}"], env, tmp_path)
     losses = epoch_losses(tmp_path)
     assert len(losses) == 8

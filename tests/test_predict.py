@@ -24,9 +24,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from clirun import TINY
 from omegaconf import OmegaConf
 from PIL import Image
-from test_cli import TINY
 
 from kdad import cli
 from kdad.checkpoint import load_module, read_checkpoint, save_checkpoint

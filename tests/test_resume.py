@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from clirun import TINY
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
-from test_cli import TINY
 
 from kdad import cli
 from kdad import train as kdad_train

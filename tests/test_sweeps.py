@@ -7,25 +7,36 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cli import TINY, env, run  # noqa: F401  (session fixture + runner)
+from clirun import TINY, run
 from wandb_reader import find_run_files, read_run
 
 QUIET = ["logger=none", "callbacks=none"]
 
 
-def test_submitit_local_two_job_sweep_completes(env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+def test_submitit_local_two_job_sweep_completes(env: dict[str, str], tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    run("kdad.train", ["-m", "launcher=local_cpu", *TINY, *QUIET, "seed=1,2", f"hydra.sweep.dir={sweep}"], env, tmp_path)
+    run(
+        "kdad.train",
+        ["-m", "launcher=local_cpu", *TINY, *QUIET, "seed=1,2", f"hydra.sweep.dir={sweep}"],
+        env,
+        tmp_path,
+    )
     assert sorted(p.parent.name for p in sweep.rglob("metrics.json")) == ["0", "1"]
     assert list(sweep.glob(".submitit/*"))  # really went through submitit
     status = json.loads((sweep / "sweep_status.json").read_text())
     assert status == {"jobs": 2, "finished": 2, "failed": []}
 
 
-def test_failing_job_does_not_stop_the_sweep_and_is_reported_missing(env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+def test_failing_job_does_not_stop_the_sweep_and_is_reported_missing(
+    env: dict[str, str], tmp_path: Path
+) -> None:
     sweep = tmp_path / "sweep"
     proc = run(
-        "kdad.train", ["-m", *TINY, *QUIET, "data.category=marble,stripes", f"hydra.sweep.dir={sweep}"], env, tmp_path, expect=2
+        "kdad.train",
+        ["-m", *TINY, *QUIET, "data.category=marble,stripes", f"hydra.sweep.dir={sweep}"],
+        env,
+        tmp_path,
+        expect=2,
     )
     assert "unknown synthetic category 'marble'" in proc.stderr
     assert (sweep / "1" / "metrics.json").is_file()  # the job after the failure still ran
@@ -37,9 +48,13 @@ def test_failing_job_does_not_stop_the_sweep_and_is_reported_missing(env: dict[s
     assert len(table) == 1 + 2  # header, the stripes row, the mean row: the failure is not a zero
 
 
-def test_optuna_search_runs_two_trials(env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+def test_optuna_search_runs_two_trials(env: dict[str, str], tmp_path: Path) -> None:
     sweep = tmp_path / "optuna"
-    args = ["hparams_search=rd_optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=1"]
+    args = [
+        "hparams_search=rd_optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=1",
+    ]
     run("kdad.train", [*args, *TINY, *QUIET, f"hydra.sweep.dir={sweep}"], env, tmp_path)
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     values = [json.loads(p.read_text())["pixel_aupro"] for p in sweep.rglob("metrics.json")]
@@ -48,13 +63,23 @@ def test_optuna_search_runs_two_trials(env: dict[str, str], tmp_path: Path) -> N
     assert set(results["best_params"]) == {"optimizer.lr", "model.anomaly_map.sigma"}
 
 
-def test_wandb_sweep_shares_a_group_and_aggregate_logs_a_summary_run(env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+def test_wandb_sweep_shares_a_group_and_aggregate_logs_a_summary_run(
+    env: dict[str, str], tmp_path: Path
+) -> None:
     sweep = tmp_path / "wb_sweep"
-    run("kdad.train", ["-m", *TINY, "logger=wandb", "model=rd,stfpm", f"hydra.sweep.dir={sweep}"], env, tmp_path)
+    run(
+        "kdad.train",
+        ["-m", *TINY, "logger=wandb", "model=rd,stfpm", f"hydra.sweep.dir={sweep}"],
+        env,
+        tmp_path,
+    )
     runs = [read_run(path) for path in find_run_files(sweep)]
     assert len(runs) == 2
     assert {r["group"] for r in runs} == {sweep.name}
-    assert {r["name"] for r in runs} == {"rd-synthetic-stripes-seed111", "stfpm-synthetic-stripes-seed0"}
+    assert {r["name"] for r in runs} == {
+        "rd-synthetic-stripes-seed111",
+        "stfpm-synthetic-stripes-seed0",
+    }
 
     before = set(find_run_files(sweep))
     run("kdad.aggregate", [str(sweep), "--wandb"], env, tmp_path)
@@ -63,6 +88,10 @@ def test_wandb_sweep_shares_a_group_and_aggregate_logs_a_summary_run(env: dict[s
     assert summary["group"] == sweep.name and summary["name"] == f"aggregate-{sweep.name}"
     assert summary["history"]["aggregate/table/nrows"] == [4]  # 2 model rows + 2 mean rows
     assert "aggregate/aggregate_bars/_type" in summary["history"]
-    assert summary["summary"]["rd/image_auroc"] == pytest.approx(json.loads((sweep / "0" / "metrics.json").read_text())["image_auroc"])
+    assert summary["summary"]["rd/image_auroc"] == pytest.approx(
+        json.loads((sweep / "0" / "metrics.json").read_text())["image_auroc"]
+    )
     # Plots next to the table: bars, and a heatmap grid with both models' maps.
-    assert (sweep / "aggregate_bars.png").is_file() and (sweep / "heatmaps_synthetic_stripes.png").is_file()
+    assert (sweep / "aggregate_bars.png").is_file() and (
+        sweep / "heatmaps_synthetic_stripes.png"
+    ).is_file()
