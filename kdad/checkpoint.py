@@ -17,7 +17,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +27,7 @@ from omegaconf import OmegaConf
 
 from kdad.errors import KDADError
 from kdad.lightning_module import DistillationModule, check_model_target, state_dict_digest
+from kdad.results import atomic_path
 
 log = logging.getLogger("kdad")
 
@@ -185,17 +185,9 @@ def save_checkpoint(module: DistillationModule, path: str | Path) -> Path:
 
 def write_checkpoint(checkpoint: Mapping[str, Any], path: str | Path) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then move it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(dict(checkpoint), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def _plain(value: Any) -> Any:

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from clirun import TINY
+from clirun import TINY, run
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -42,28 +39,6 @@ from kdad.predict import (
     resolve_device,
 )
 from kdad.thresholds import fit_from_values, normalize, settings
-
-ENV_KEYS = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return {**os.environ, **ENV_KEYS, "KDAD_CACHE_DIR": str(tmp_path_factory.mktemp("kdad_cache"))}
-
-
-def run(module: str, args: list[str], env: dict[str, str], cwd: Path, expect: int = 0):
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == expect, (
-        f"{module} exited {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    )
-    return proc
 
 
 @pytest.fixture(scope="module")
