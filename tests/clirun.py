@@ -29,7 +29,11 @@ def run(
         timeout=600,
     )
     if proc.returncode != expect:
+        # kdad's own one-line errors first: a long log tail must not push them out of sight.
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("kdad:")]
         raise AssertionError(
-            f"{module} {args} exited {proc.returncode}, expected {expect}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            f"{module} {args} exited {proc.returncode}, expected {expect}\n"
+            + "\n".join(errors)
+            + f"\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
         )
     return proc

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
 
 import pytest
 
@@ -26,3 +28,23 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "WANDB_DISABLE_GIT": "true",
         "PYTHONUNBUFFERED": "1",
     }
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
+@pytest.fixture(autouse=True)
+def _free_disk_after_passing_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Delete a passed test's tmp_path at once: its checkpoints are ~200 MB each.
+
+    Failed tests keep theirs for inspection; session-scoped run folders live until the end.
+    """
+    yield
+    report = getattr(request.node, "report_call", None)
+    folder = getattr(request.node, "funcargs", {}).get("tmp_path")
+    if report is not None and report.passed and folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
