@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     net = ReverseDistillation(args.backbone, pretrained=False).to(device).train()
-    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=0.005, betas=(0.5, 0.999))
+    optimizer = torch.optim.Adam(
+        [p for p in net.parameters() if p.requires_grad], lr=0.005, betas=(0.5, 0.999)
+    )
     images = torch.randn(args.batch, 3, args.size, args.size, device=device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
 
@@ -42,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    phases: dict[str, list[float]] = {"teacher forward": [], "student forward + loss": [], "backward": [], "optimiser step": []}
+    phases: dict[str, list[float]] = {
+        "teacher forward": [],
+        "student forward + loss": [],
+        "backward": [],
+        "optimiser step": [],
+    }
     for i in range(args.repeats + 2):
         t0 = tick()
         with ctx:
@@ -61,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                 phases[name].append(b - a)
     medians = {name: statistics.median(values) for name, values in phases.items()}
     total = sum(medians.values())
-    print(f"RD4AD {args.backbone} {args.size}px batch {args.batch} on {device} bf16={args.bf16}: {args.batch / total:.1f} img/s\n")
+    print(
+        f"RD4AD {args.backbone} {args.size}px batch {args.batch} on {device} bf16={args.bf16}: {args.batch / total:.1f} img/s\n"
+    )
     print("| phase | ms per step | share |\n|---|---|---|")
     for name, seconds in medians.items():
         print(f"| {name} | {1000 * seconds:.1f} | {100 * seconds / total:.0f} % |")
