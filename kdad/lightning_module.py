@@ -15,6 +15,7 @@ epoch, so that a resumed run continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import warnings
 from collections.abc import Mapping
@@ -29,6 +30,9 @@ from torch import Tensor, nn
 from kdad.errors import KDADError
 from kdad.metrics import METRIC_LEVEL, build_metrics
 from kdad.models.base import DistillationModel
+from kdad.teacher_cache import TeacherFeatureCache
+
+log = logging.getLogger("kdad")
 
 # The frozen teacher is in eval mode on purpose (its BatchNorm statistics are the target).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -67,6 +71,16 @@ def check_model_target(model: Mapping[str, Any]) -> type[DistillationModel]:
     if nested:
         raise KDADError(f"model.{nested[0]}: nested _target_ is not allowed in a model config")
     return cls
+
+
+def _cache_mode(value: bool | str) -> str:
+    """``teacher_cache``: true/"on", false/"off" or "auto" (on when within the memory budget)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    text = str(value).lower()
+    if text in ("auto", "on", "off", "true", "false"):
+        return {"true": "on", "false": "off"}.get(text, text)
+    raise KDADError(f"teacher_cache={value!r}: expected auto, true or false")
 
 
 def build_net(model: Mapping[str, Any]) -> DistillationModel:
@@ -108,6 +122,8 @@ class DistillationModule(L.LightningModule):
         preprocess: Mapping[str, Any] | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        teacher_cache: bool | str = False,
+        teacher_cache_max_gb: float = 4.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -116,6 +132,11 @@ class DistillationModule(L.LightningModule):
         self.channels_last = bool(channels_last)
         # A bound method, not a module: a second module attribute would duplicate the state dict.
         self._train_forward = torch.compile(self.net.forward) if compile else self.net.forward
+        # The frozen teacher's features of each training image, computed in the first epoch
+        # and reused (kdad.teacher_cache); built in on_train_start once the data size is known.
+        self.teacher_cache_mode = _cache_mode(teacher_cache)
+        self.teacher_cache_max_gb = float(teacher_cache_max_gb)
+        self._teacher_cache: TeacherFeatureCache | None = None
         # Buffers every rank builds identically (NFERD's feature bank) need no DDP broadcast,
         # which would re-send them every step.
         self._ddp_params_and_buffers_to_ignore = [
@@ -144,9 +165,37 @@ class DistillationModule(L.LightningModule):
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
 
+    def on_train_start(self) -> None:
+        self._teacher_cache = None
+        if self.teacher_cache_mode == "off":
+            return
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        try:
+            capacity = len(dataset)  # type: ignore[arg-type]
+        except TypeError:
+            log.info("teacher cache off: the training data has no length")
+            return
+        budget = self.teacher_cache_max_gb if self.teacher_cache_mode == "auto" else float("inf")
+        self._teacher_cache = TeacherFeatureCache(capacity, budget * 2**30)
+
+    def on_train_end(self) -> None:
+        self._teacher_cache = None  # frees its memory before testing
+
+    def _teacher_targets(self, batch: Mapping[str, Tensor], images: Tensor) -> list[Tensor] | None:
+        cache = self._teacher_cache
+        index = batch.get("index")
+        if cache is None or not cache.enabled or not isinstance(index, Tensor):
+            return None
+        targets = cache.lookup(index)
+        if targets is None:
+            targets = self.net.teacher_features(images)
+            cache.store(index, targets)
+        return targets
+
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         images = self._images(batch)
-        loss = self.net.loss(self._train_forward(images))
+        targets = self._teacher_targets(batch, images)
+        loss = self.net.loss(self._train_forward(images, targets))
         # Not on the progress bar: showing the step loss would force a device sync every step.
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(images))
         return loss

@@ -44,6 +44,8 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DistillationModule:
         preprocess=preprocess,
         channels_last=bool(cfg.get("channels_last", False)),
         compile=bool(cfg.get("compile", False)),
+        teacher_cache=cfg.get("teacher_cache", False),
+        teacher_cache_max_gb=float(cfg.get("teacher_cache_max_gb", 4.0)),
     )
 
 

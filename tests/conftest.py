@@ -48,3 +48,15 @@ def _free_disk_after_passing_test(request: pytest.FixtureRequest) -> Iterator[No
     folder = getattr(request.node, "funcargs", {}).get("tmp_path")
     if report is not None and report.passed and folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def inprocess_data_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A private synthetic-data cache for one module's in-process runs (tests/inprocess.py)."""
+    previous = os.environ.get("KDAD_CACHE_DIR")
+    os.environ["KDAD_CACHE_DIR"] = str(tmp_path_factory.mktemp("kdad_cache"))
+    yield
+    if previous is None:
+        del os.environ["KDAD_CACHE_DIR"]
+    else:
+        os.environ["KDAD_CACHE_DIR"] = previous

@@ -11,19 +11,13 @@ state dict, bit for bit (CPU, same seed). Several batches per epoch make the shu
 
 from __future__ import annotations
 
-import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from clirun import TINY
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from inprocess import assert_same_weights, load, train
+from omegaconf import OmegaConf
 
-from kdad import cli
 from kdad import train as kdad_train
 from kdad.errors import KDADError
 
@@ -34,60 +28,9 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
 ]
 
-RESUME = [
-    *[arg for arg in TINY if not arg.startswith("trainer.max_epochs")],
-    "data.batch_size=4",  # 4 batches per epoch: the shuffling order changes the result
-    "test=false",
-    "logger=none",
-]
-
-
-def train(args: list[str], run_dir: Path) -> None:
-    """kdad-train's ``train`` in this process, as Hydra runs it with ``hydra.run.dir=run_dir``.
-
-    In-process rather than as a subprocess: five runs would otherwise spend most of their time
-    importing Lightning (test_cli runs the real command line).
-    """
-    with initialize_config_dir(config_dir=cli.CONFIG_DIR, version_base="1.3", job_name="train"):
-        cfg = compose("train", overrides=[*RESUME, *args], return_hydra_config=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.hydra.runtime.cwd = os.getcwd()
-    HydraConfig.instance().set_config(cfg)
-    try:
-        with open_dict(cfg):
-            del cfg["hydra"]
-        kdad_train.train(cfg)
-    finally:
-        HydraConfig.instance().cfg = None
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = load(a)["state_dict"], load(b)["state_dict"]
-    assert wa.keys() == wb.keys()
-    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A private synthetic-data cache for this module's runs."""
-    previous = os.environ.get("KDAD_CACHE_DIR")
-    os.environ["KDAD_CACHE_DIR"] = str(tmp_path_factory.mktemp("kdad_cache"))
-    yield
-    if previous is None:
-        del os.environ["KDAD_CACHE_DIR"]
-    else:
-        os.environ["KDAD_CACHE_DIR"] = previous
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(cache: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def uninterrupted(inprocess_data_cache: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("uninterrupted")
     train(
         [

@@ -30,6 +30,7 @@ import torch
 from kdad.models.hkt import HKT
 from kdad.models.nferd import NFERD
 from kdad.models.rd4ad import ReverseDistillation
+from kdad.teacher_cache import TeacherFeatureCache
 
 
 def fill_bank(net: torch.nn.Module, size: int, device: torch.device) -> None:
@@ -74,8 +75,15 @@ def measure(
 
 
 def kdad_step(
-    net: torch.nn.Module, bf16: bool, fused: bool, compile: bool = False
+    net: torch.nn.Module,
+    bf16: bool,
+    fused: bool,
+    compile: bool = False,
+    teacher_cache: bool = False,
 ) -> Callable[[torch.Tensor], None]:
+    """One kdad training step; with ``teacher_cache``, the steady state of epochs 2, 3, ...:
+    the teacher's features come from kdad's TeacherFeatureCache (filled on the first call,
+    then a lookup per step, as in the training loop) instead of a teacher forward."""
     params = [p for p in net.parameters() if p.requires_grad]
     forward = torch.compile(net.forward) if compile else net.forward
     extra = {"fused": True} if fused else {}
@@ -83,9 +91,19 @@ def kdad_step(
     net.train()
     device_type = next(net.parameters()).device.type
 
+    cache: TeacherFeatureCache | None = None
+
     def step(images: torch.Tensor) -> None:
+        nonlocal cache
         with torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext():
-            loss = net.loss(forward(images))
+            targets = None
+            if teacher_cache:
+                index = torch.arange(len(images), device=images.device)
+                if cache is None:
+                    cache = TeacherFeatureCache(len(images), float("inf"))
+                    cache.store(index, net.teacher_features(images))
+                targets = cache.lookup(index)
+            loss = net.loss(forward(images, targets))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -191,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compile", action="store_true", help="kdad: torch.compile of the training forward"
     )
+    parser.add_argument(
+        "--teacher-cache",
+        action="store_true",
+        help="kdad: teacher features from the cache (steady state of epochs after the first)",
+    )
     parser.add_argument("--no-anomalib", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="write <out>.md and <out>.json")
     args = parser.parse_args(argv)
@@ -209,13 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in args.models.split(","):
         net = build_kdad(name, args.backbone, args.size, device, args.channels_last)
-        runs[f"kdad {name}"] = (kdad_step(net, args.bf16, args.fused, args.compile), kdad_batch)
+        step = kdad_step(net, args.bf16, args.fused, args.compile, args.teacher_cache)
+        runs[f"kdad {name}"] = (step, kdad_batch)
     rates = measure(runs, args.steps, args.windows, args.warmup)
     rows = list(rates.items())
     reference = rates.get("anomalib ReverseDistillation")
     lines = [
         f"device={args.device} backbone={args.backbone} size={args.size} batch={args.batch} bf16={args.bf16} "
         f"channels_last={args.channels_last} fused={args.fused} compile={args.compile} "
+        f"teacher_cache={args.teacher_cache} "
         f"(timing windows interleaved; median of {args.windows} windows of {args.steps} steps)",
         "",
         "| model | train images/s | vs anomalib RD |",

@@ -62,6 +62,8 @@ class AnomalyDataset(Dataset):
             "image": image,
             "mask": mask,
             "label": torch.tensor(sample.label, dtype=torch.int64),
+            # Position in this split: keys the training loop's teacher-feature cache.
+            "index": torch.tensor(index, dtype=torch.int64),
             "path": str(sample.image_path),
             "defect_type": sample.defect_type,
         }

@@ -42,8 +42,14 @@ class DistillationModel(nn.Module):
         except (TypeError, ValueError) as exc:
             raise KDADError(f"model.anomaly_map: {exc}") from None
 
-    def forward(self, images: Tensor) -> FeaturePairs:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def teacher_features(self, images: Tensor) -> list[Tensor]:
+        """The frozen teacher's targets, without gradient (deterministic: eval mode, no grad)."""
+        return self.teacher(images)
+
+    def forward(self, images: Tensor, targets: list[Tensor] | None = None) -> FeaturePairs:
+        """(target, prediction) pairs; ``targets``: this batch's :meth:`teacher_features`, when
+        already known (the training loop's teacher-feature cache), else computed here."""
+        raise NotImplementedError  # pragma: no cover - abstract
 
     def loss(self, pairs: FeaturePairs) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

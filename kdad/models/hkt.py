@@ -270,9 +270,11 @@ class HKT(DistillationModel):
             levels.append(self.student_extra(levels[-1]))
         return levels
 
-    def forward(self, images: Tensor) -> FeaturePairs:
+    def forward(self, images: Tensor, targets: list[Tensor] | None = None) -> FeaturePairs:
         """Pairs in :attr:`pair_names` order: same-layer pairs, then cross-layer pairs."""
-        targets, levels = self.teacher_features(images), self.student_features(images)
+        if targets is None:
+            targets = self.teacher_features(images)
+        levels = self.student_features(images)
         pairs: FeaturePairs = []
         if self.pairing in ("same", "both"):
             pairs += list(zip(targets, levels, strict=True))

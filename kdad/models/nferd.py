@@ -272,8 +272,9 @@ class NFERD(ReverseDistillation):
         return sim > 1 - 1e-4
 
     # --- the variant's interface -------------------------------------------------------------
-    def forward(self, images: Tensor) -> FeaturePairs:
-        targets = self.teacher(images)
+    def forward(self, images: Tensor, targets: list[Tensor] | None = None) -> FeaturePairs:
+        if targets is None:
+            targets = self.teacher_features(images)
         x = self.bn(targets)
         exclude = None
         if self.banks is not None and self.exclude_self and self.training:

@@ -93,8 +93,9 @@ class ReverseDistillation(DistillationModel):
             groups,
         )
 
-    def forward(self, images: Tensor) -> FeaturePairs:
-        targets = self.teacher(images)
+    def forward(self, images: Tensor, targets: list[Tensor] | None = None) -> FeaturePairs:
+        if targets is None:
+            targets = self.teacher_features(images)
         predictions = self.decoder(self.bn(targets))
         return list(zip(targets, predictions, strict=True))
 

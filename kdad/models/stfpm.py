@@ -62,8 +62,10 @@ class STFPM(DistillationModel):
         self.student = create_feature_extractor(backbone, layers, pretrained=False)
         self.loss_scale = float(loss_scale)
 
-    def forward(self, images: Tensor) -> FeaturePairs:
-        return list(zip(self.teacher(images), self.student(images), strict=True))
+    def forward(self, images: Tensor, targets: list[Tensor] | None = None) -> FeaturePairs:
+        if targets is None:
+            targets = self.teacher_features(images)
+        return list(zip(targets, self.student(images), strict=True))
 
     def loss(self, pairs: FeaturePairs) -> Tensor:
         return pyramid_matching_loss(pairs, self.loss_scale)
