@@ -366,8 +366,9 @@ def test_datamodule_items_and_loaders(tmp_path):
     dm = mvtec_module(tmp_path, val_fraction=0.2, crop_size=28, eval_batch_size=3)
     assert (dm.dataset_name, dm.category_name, dm.output_size) == ("mvtec", "bottle", 28)
     assert dm.num_train_images == 8  # runs setup() on demand
-    item = dm.test_dataset[0]
-    assert set(item) == {"image", "mask", "label", "path", "defect_type"}
+    item = dm.test_dataset[2]
+    assert set(item) == {"image", "mask", "label", "index", "path", "defect_type"}
+    assert item["index"].item() == 2  # position in its split (keys the teacher-feature cache)
     assert item["image"].shape == (3, 28, 28) and item["mask"].shape == (1, 28, 28)
     assert item["label"].dtype == torch.int64 and item["label"].ndim == 0
     assert isinstance(item["path"], str) and isinstance(item["defect_type"], str)
