@@ -644,3 +644,26 @@ def test_synthetic_datamodule(tmp_path):
         bool(m.any()) == bool(label) for m, label in zip(masks, dm.test_dataset.labels, strict=True)
     )
     assert os.listdir(tmp_path) == [next(iter(os.listdir(tmp_path)))]  # one parameter folder
+
+
+def test_cache_preloads_identical_items_within_its_budget_and_reads_them_in_process(tmp_path):
+    make_mvtec_tree(tmp_path, num_train=10)
+    plain = mvtec_module(tmp_path, cache=False, num_workers=1)
+    cached = mvtec_module(tmp_path, cache=True, num_workers=1)
+    plain.setup()
+    cached.setup()
+    assert cached.train_dataset.preloaded and not plain.train_dataset.preloaded
+    assert not cached.test_dataset.preloaded  # read once: never cached
+    for a, b in zip(plain.train_dataset, cached.train_dataset, strict=True):
+        assert torch.equal(a["image"], b["image"]) and a["path"] == b["path"]
+    # Preloaded tensors are read in this process; the test loader keeps its workers.
+    assert cached.train_dataloader().num_workers == 0
+    assert plain.train_dataloader().num_workers == 1 == cached.test_dataloader().num_workers
+    tiny_budget = mvtec_module(tmp_path, cache="auto", cache_max_gb=1e-9)
+    tiny_budget.setup()
+    assert not tiny_budget.train_dataset.preloaded
+    roomy = mvtec_module(tmp_path, cache="auto")
+    roomy.setup()
+    assert roomy.train_dataset.preloaded
+    with pytest.raises(KDADError, match=r"data.cache='yes': expected true, false or auto"):
+        mvtec_module(tmp_path, cache="yes")

@@ -18,11 +18,11 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from kdad.cli import CONFIG_DIR
 from kdad.lightning_module import build_net
-
-CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 
 
 def fill_bank(net: torch.nn.Module, size: int, device: torch.device) -> None:
@@ -36,7 +36,9 @@ def fill_bank(net: torch.nn.Module, size: int, device: torch.device) -> None:
 
 
 def build(variant: str, backbone: str) -> torch.nn.Module:
-    cfg = OmegaConf.load(CONF / f"{variant}.yaml")
+    # Composed as kdad-train composes it (hkt_plus.yaml extends hkt.yaml through its defaults).
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={variant}"])
     model = OmegaConf.to_container(cfg.model, resolve=True)
     model.update(backbone=backbone, pretrained=False, weights_path=None)
     return build_net(model).eval()

@@ -208,14 +208,17 @@ class AnomalyDataModule(L.LightningDataModule):
                 dataset.preload()
 
     def _loader(self, dataset: AnomalyDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        # Preloaded tensors are read fastest in this process: worker processes would only add
+        # the cost of sending them back (experiments/benchmark: 4,367 vs 1,090 img/s at 256 px).
+        workers = 0 if dataset.preloaded else self.num_workers
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
             drop_last=False,
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -32,6 +32,10 @@ class AnomalyDataset(Dataset):
         """Memory the preprocessed items would take (image + mask, float32)."""
         return len(self.samples) * 4 * 4 * self.preprocess.output_size**2
 
+    @property
+    def preloaded(self) -> bool:
+        return self._cache is not None
+
     def preload(self) -> None:
         """Decode and preprocess every item once and keep the tensors in memory.
 
