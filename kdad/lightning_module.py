@@ -36,6 +36,9 @@ log = logging.getLogger("kdad")
 
 # The frozen teacher is in eval mode on purpose (its BatchNorm statistics are the target).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+# on_before_batch_transfer reads the sample indices before they go to the device; Lightning's
+# note that the module's hook is used rather than the datamodule's is expected.
+warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transfer`.*")
 
 
 def _nested_targets(value: Any, path: str) -> list[str]:
@@ -137,6 +140,7 @@ class DistillationModule(L.LightningModule):
         self.teacher_cache_mode = _cache_mode(teacher_cache)
         self.teacher_cache_max_gb = float(teacher_cache_max_gb)
         self._teacher_cache: TeacherFeatureCache | None = None
+        self._host_index: Tensor | None = None
         # Buffers every rank builds identically (NFERD's feature bank) need no DDP broadcast,
         # which would re-send them every step.
         self._ddp_params_and_buffers_to_ignore = [
@@ -181,15 +185,21 @@ class DistillationModule(L.LightningModule):
     def on_train_end(self) -> None:
         self._teacher_cache = None  # frees its memory before testing
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # The sample indices while still in host memory: the teacher cache checks them there.
+        index = batch.get("index") if isinstance(batch, Mapping) else None
+        self._host_index = index if isinstance(index, Tensor) else None
+        return batch
+
     def _teacher_targets(self, batch: Mapping[str, Tensor], images: Tensor) -> list[Tensor] | None:
         cache = self._teacher_cache
         index = batch.get("index")
         if cache is None or not cache.enabled or not isinstance(index, Tensor):
             return None
-        targets = cache.lookup(index)
+        targets = cache.lookup(index, self._host_index)
         if targets is None:
             targets = self.net.teacher_features(images)
-            cache.store(index, targets)
+            cache.store(index, targets, self._host_index)
         return targets
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:

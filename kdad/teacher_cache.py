@@ -45,19 +45,25 @@ class TeacherFeatureCache:
     def nbytes(self) -> int:
         return sum(level.numel() * level.element_size() for level in self.levels or [])
 
-    def lookup(self, index: Tensor) -> list[Tensor] | None:
-        """The cached features of these samples, or None if any of them is not cached yet."""
+    def lookup(self, index: Tensor, host_index: Tensor | None = None) -> list[Tensor] | None:
+        """The cached features of these samples, or None if any of them is not cached yet.
+
+        ``host_index``: the same indices in CPU memory, when ``index`` lives on a GPU: whether
+        they are all cached is then answered on the host, without waiting for the device.
+        """
         if not self.enabled or self.levels is None or self.filled is None:
             return None
-        index = index.to(self.filled.device)
-        if not bool(self.filled[index].all()):
+        if not bool(self.filled[_on_host(index, host_index)].all()):
             return None
+        index = index.to(self.levels[0].device)
         return [
             level.index_select(0, index).contiguous(memory_format=self.memory_format)
             for level in self.levels
         ]
 
-    def store(self, index: Tensor, features: list[Tensor]) -> None:
+    def store(
+        self, index: Tensor, features: list[Tensor], host_index: Tensor | None = None
+    ) -> None:
         """Keep ``features`` (one tensor per level, batch first) of the samples ``index``."""
         if not self.enabled:
             return
@@ -83,10 +89,15 @@ class TeacherFeatureCache:
                 torch.empty((self.capacity, *f.shape[1:]), dtype=f.dtype, device=device)
                 for f in features
             ]
-            self.filled = torch.zeros(self.capacity, dtype=torch.bool, device=device)
+            # On the host: checking it must not synchronise with the device every step.
+            self.filled = torch.zeros(self.capacity, dtype=torch.bool)
             log.info("teacher cache: %.2f GB for %d training images", need / 2**30, self.capacity)
         assert self.filled is not None
-        index = index.to(self.filled.device)
+        self.filled[_on_host(index, host_index)] = True
+        index = index.to(self.levels[0].device)
         for level, feature in zip(self.levels, features, strict=True):
             level.index_copy_(0, index, feature.detach().to(level.dtype))
-        self.filled[index] = True
+
+
+def _on_host(index: Tensor, host_index: Tensor | None) -> Tensor:
+    return host_index if host_index is not None else index.cpu()
