@@ -81,7 +81,8 @@ class NFERD(ReverseDistillation):
 
     Args:
         backbone, layers, pretrained, weights_path, bottleneck_blocks, decoder_layers,
-        official_unused_layer, distance, anomaly_map: as :class:`ReverseDistillation`.
+        official_unused_layer, decoder_output, distance, anomaly_map: as
+        :class:`ReverseDistillation`.
         nfb: the normal feature bank: ``enabled``; ``size`` (N, training images stored);
             ``top_k`` (K, entries recalled); ``seed`` (which images); ``weighting`` (form of
             ``w``: ``softmax``, ``uniform``, ``linear``) and ``temperature`` (softmax);
@@ -101,6 +102,7 @@ class NFERD(ReverseDistillation):
         bottleneck_blocks: int | None = None,
         decoder_layers: Sequence[int] | None = None,
         official_unused_layer: bool = True,
+        decoder_output: str = "auto",
         nfb: Mapping[str, Any] | None = None,
         fusion: str = "hafm",
         fused_to_decoder: bool = True,
@@ -143,6 +145,7 @@ class NFERD(ReverseDistillation):
             bottleneck_blocks,
             decoder_layers,
             official_unused_layer,
+            decoder_output,
             distance,
             anomaly_map,
         )

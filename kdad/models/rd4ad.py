@@ -25,6 +25,8 @@ from kdad.models.components.backbone import Teacher, resnet_spec
 from kdad.models.components.bottleneck import OneClassBottleneck
 from kdad.models.components.decoder import ReverseDecoder
 
+DECODER_OUTPUTS = ("auto", "relu", "linear")
+
 
 def reverse_distillation_loss(pairs: FeaturePairs) -> Tensor:
     """Official ``loss_fucntion``: sum over stages of the batch mean of 1 - cos of flattened maps."""
@@ -47,7 +49,15 @@ class ReverseDistillation(DistillationModel):
         decoder_layers: blocks per decoder stage; ``None`` = the teacher's (3/4/6 for wrn50).
         official_unused_layer: keep the official OCBE's unused ``conv4``/``bn4`` (see
             :class:`OneClassBottleneck`) so parameter counts match the official code.
+        decoder_output: ``relu`` (the official decoder: stages end in a ReLU, as ResNet
+            stages do), ``linear`` (no final ReLU: for teachers with signed stage outputs) or
+            ``auto`` (``relu`` for ResNet teachers, ``linear`` otherwise).
         distance, anomaly_map: see :class:`DistillationModel`.
+
+    Non-ResNet teachers (e.g. ``tf_efficientnet_lite0``: 24/40/112 channels at strides 4/8/16)
+    get the same OCBE (stride-2 3x3 convs to stage 3, concat, OCE basic blocks to ``2 c3``
+    channels at stride 32) and a basic-block decoder with 2 blocks per stage at the teacher's
+    stage widths, with linear stage outputs (``decoder_output=auto``).
     """
 
     def __init__(
@@ -59,10 +69,15 @@ class ReverseDistillation(DistillationModel):
         bottleneck_blocks: int | None = None,
         decoder_layers: Sequence[int] | None = None,
         official_unused_layer: bool = True,
+        decoder_output: str = "auto",
         distance: str = "cosine",
         anomaly_map: Mapping | None = None,
     ) -> None:
         super().__init__(distance, anomaly_map)
+        if decoder_output not in DECODER_OUTPUTS:
+            raise KDADError(
+                f"model.decoder_output={decoder_output!r}: expected one of {list(DECODER_OUTPUTS)}"
+            )
         if len(layers) != 3:
             raise KDADError(
                 f"model.layers={list(layers)}: RD4AD's bottleneck fuses exactly 3 teacher stages"
@@ -91,6 +106,7 @@ class ReverseDistillation(DistillationModel):
             tuple(decoder_layers or default_layers),
             width,
             groups,
+            linear_output=decoder_output == "linear" or (decoder_output == "auto" and spec is None),
         )
 
     def forward(self, images: Tensor, targets: list[Tensor] | None = None) -> FeaturePairs:
@@ -103,4 +119,4 @@ class ReverseDistillation(DistillationModel):
         return reverse_distillation_loss(pairs)
 
 
-__all__ = ["ReverseDistillation", "reverse_distillation_loss"]
+__all__ = ["DECODER_OUTPUTS", "ReverseDistillation", "reverse_distillation_loss"]

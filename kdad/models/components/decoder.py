@@ -3,6 +3,11 @@
 Mirrors ``de_resnet.py`` of the official code: the stage nearest the bottleneck has as many
 blocks as the teacher's first stage (3/4/6 for wide_resnet50_2, 2/2/2 for resnet18), and each
 stage's output has the channels of the teacher stage it is compared with.
+
+Teachers whose stage outputs are signed (EfficientNet, MobileNet: a stage ends in a linear
+projection plus skip; 53-60 % of tf_efficientnet_lite0's stage 1-3 values are negative) cannot
+be matched by features that end in a ReLU, as ResNet stages (and the official decoder) do:
+``linear_output=True`` drops the ReLU after the last block of each stage.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ class ReverseDecoder(nn.Module):
         block: ``"bottleneck"`` or ``"basic"``.
         layers: blocks per decoder stage, nearest the bottleneck first.
         width_per_group, groups: as the teacher's blocks.
+        linear_output: no ReLU at the end of each stage (for teachers with signed features).
     """
 
     def __init__(
@@ -31,6 +37,7 @@ class ReverseDecoder(nn.Module):
         layers: tuple[int, int, int] = (3, 4, 6),
         width_per_group: int = 64,
         groups: int = 1,
+        linear_output: bool = False,
     ) -> None:
         super().__init__()
         block_cls = DECODER_BLOCKS[block]
@@ -40,6 +47,9 @@ class ReverseDecoder(nn.Module):
         self.layer1 = self._make_layer(block_cls, c3, layers[0])
         self.layer2 = self._make_layer(block_cls, c2, layers[1])
         self.layer3 = self._make_layer(block_cls, c1, layers[2])
+        self.linear_output = bool(linear_output)
+        for stage in (self.layer1, self.layer2, self.layer3):
+            stage[-1].relu_out = not self.linear_output
         kaiming_init(self)
 
     def _make_layer(self, block_cls: type[nn.Module], out_ch: int, blocks: int) -> nn.Sequential:

@@ -133,12 +133,13 @@ class DeBasicBlock(nn.Module):
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.upsample = upsample
+        self.relu_out = True  # False: linear output (see ReverseDecoder's linear_output)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.upsample is None else self.upsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        out = self.bn2(self.conv2(out)) + identity
+        return self.relu(out) if self.relu_out else out
 
 
 class DeBottleneck(nn.Module):
@@ -167,13 +168,14 @@ class DeBottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.upsample = upsample
+        self.relu_out = True  # False: linear output (see ReverseDecoder's linear_output)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.upsample is None else self.upsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out = self.bn3(self.conv3(out)) + identity
+        return self.relu(out) if self.relu_out else out
 
 
 ENCODER_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
