@@ -6,8 +6,9 @@ Shared by every variant. The defaults reproduce the official code:
   bilinear upsampling with ``align_corners=True``, summed over layers, then
   ``scipy.ndimage.gaussian_filter(sigma=4)``; the image score is the map's maximum.
 - STFPM (``test`` in main.py): per layer ``||t/|t| - s/|s|||^2`` (= ``2 (1 - cos)``),
-  bilinear upsampling with ``align_corners=False``, multiplied over layers, no smoothing;
-  score = maximum.
+  bilinear resizing (``align_corners=False``) to the *first layer's* resolution, multiplied
+  there, and the product resized bilinearly to the image size (``cv2.resize``, the same
+  half-pixel bilinear rule); no smoothing; score = maximum. ``fuse_at='first_layer'``.
 
 The Gaussian filter here equals scipy's (``truncate=4``, ``mode='reflect'``) to float
 precision, but runs in torch on the model's device and exports to ONNX/TorchScript.
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 FUSIONS = ("add", "product", "mean")
 SCORES = ("max", "mean")
+FUSE_AT = ("image", "first_layer")
 
 
 def cosine_distance(target: Tensor, prediction: Tensor, eps: float = 1e-8) -> Tensor:
@@ -89,6 +91,11 @@ class AnomalyMapGenerator(nn.Module):
         sigma: Gaussian smoothing of the fused map; 0 turns it off.
         align_corners: of the bilinear upsampling (RD4AD: True, STFPM: False).
         score: image score from the map: ``max`` (both official codes) or ``mean``.
+        fuse_at: where the layers are fused: ``image`` (each layer resized to the image size,
+            then fused: RD4AD's ``cal_anomaly_map``) or ``first_layer`` (each layer resized
+            to the first layer's resolution, fused there, the result resized to the image
+            size: STFPM's ``test``). Equal for ``add``/``mean`` up to interpolation error,
+            different for ``product``.
     """
 
     def __init__(
@@ -97,26 +104,34 @@ class AnomalyMapGenerator(nn.Module):
         sigma: float = 4.0,
         align_corners: bool = True,
         score: str = "max",
+        fuse_at: str = "image",
     ) -> None:
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"anomaly_map.fusion must be one of {FUSIONS}, got {fusion!r}")
         if score not in SCORES:
             raise ValueError(f"anomaly_map.score must be one of {SCORES}, got {score!r}")
+        if fuse_at not in FUSE_AT:
+            raise ValueError(f"anomaly_map.fuse_at must be one of {FUSE_AT}, got {fuse_at!r}")
         self.fusion, self.align_corners, self.score = fusion, bool(align_corners), score
+        self.fuse_at = fuse_at
         self.blur = GaussianBlur2d(sigma)
+
+    def _resize(self, maps: Tensor, size: tuple[int, int]) -> Tensor:
+        return F.interpolate(maps, size=size, mode="bilinear", align_corners=self.align_corners)
 
     def forward(self, distance_maps: list[Tensor], size: tuple[int, int]) -> Tensor:
         """(N,1,h_i,w_i) per layer -> (N,1,H,W)."""
-        upsampled = [
-            F.interpolate(d, size=size, mode="bilinear", align_corners=self.align_corners)
-            for d in distance_maps
-        ]
-        fused = upsampled[0]
-        for d in upsampled[1:]:
+        first = (distance_maps[0].shape[-2], distance_maps[0].shape[-1])
+        fuse_size = first if self.fuse_at == "first_layer" else size
+        resized = [self._resize(d, fuse_size) for d in distance_maps]
+        fused = resized[0]
+        for d in resized[1:]:
             fused = fused * d if self.fusion == "product" else fused + d
         if self.fusion == "mean":
-            fused = fused / len(upsampled)
+            fused = fused / len(resized)
+        if self.fuse_at == "first_layer":
+            fused = self._resize(fused, size)
         return self.blur(fused)
 
     def image_score(self, anomaly_map: Tensor) -> Tensor:
@@ -132,6 +147,7 @@ def gaussian_kernel_size(sigma: float, truncate: float = 4.0) -> int:
 
 __all__ = [
     "DISTANCES",
+    "FUSE_AT",
     "FUSIONS",
     "AnomalyMapGenerator",
     "GaussianBlur2d",

@@ -65,3 +65,80 @@ def test_scores_are_raw_not_squashed() -> None:
 def test_bad_fusion_rejected() -> None:
     with pytest.raises(ValueError, match="fusion"):
         AnomalyMapGenerator("median")
+
+
+def _bilinear_half_pixel(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Straightforward bilinear resize with half-pixel centres and clamped edges, the rule of
+    ``cv2.resize(INTER_LINEAR)`` and of ``F.interpolate(align_corners=False)``."""
+
+    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = np.floor(src).astype(int)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, src - i0
+
+    y0, y1, wy = axis(image.shape[0], size[0])
+    x0, x1, wx = axis(image.shape[1], size[1])
+    rows = image[y0] * (1 - wy)[:, None] + image[y1] * wy[:, None]
+    return rows[:, x0] * (1 - wx)[None, :] + rows[:, x1] * wx[None, :]
+
+
+def _stfpm_official_order(layer_maps: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+    """gdwang08/STFPM ``test()``: every layer to the first layer's size, product, then resize."""
+    first = layer_maps[0].shape
+    product = np.ones(first)
+    for layer_map in layer_maps:
+        product = product * _bilinear_half_pixel(layer_map, first)
+    return _bilinear_half_pixel(product, size)
+
+
+def test_bilinear_reference_is_torchs_half_pixel_rule() -> None:
+    x = torch.rand(1, 1, 8, 5, dtype=torch.float64)
+    for size in [(32, 20), (8, 5), (3, 2)]:
+        ours = F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+        np.testing.assert_allclose(ours, _bilinear_half_pixel(x[0, 0].numpy(), size), atol=1e-12)
+
+
+def test_fuse_at_first_layer_is_stfpms_official_order() -> None:
+    torch.manual_seed(0)
+    layers = [torch.rand(2, 1, 16, 16), torch.rand(2, 1, 8, 8), torch.rand(2, 1, 4, 4)]
+    size = (64, 64)
+    gen = AnomalyMapGenerator("product", sigma=0, align_corners=False, fuse_at="first_layer")
+    ours = gen(layers, size)
+    for i in range(2):
+        reference = _stfpm_official_order([m[i, 0].double().numpy() for m in layers], size)
+        np.testing.assert_allclose(ours[i, 0].double().numpy(), reference, rtol=1e-5, atol=1e-7)
+    # The other order is a different map (the switch fuse_at=image keeps it available).
+    other = AnomalyMapGenerator("product", sigma=0, align_corners=False, fuse_at="image")
+    assert (other(layers, size) - ours).abs().max() > 1e-3
+
+
+def test_stfpm_config_uses_the_official_order() -> None:
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from kdad.models.stfpm import STFPM
+
+    conf = OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / "stfpm.yaml")
+    anomaly_map = OmegaConf.to_container(conf.model.anomaly_map)
+    assert anomaly_map["fuse_at"] == "first_layer"
+    torch.manual_seed(0)
+    model = STFPM("resnet18", pretrained=False, anomaly_map=anomaly_map).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps, scores = model.predict(images)
+        pairs = model(images)
+    for i in range(2):
+        layer_maps = [
+            normalized_l2_distance(t[i : i + 1].double(), s[i : i + 1].double())[0, 0].numpy()
+            for t, s in pairs
+        ]
+        reference = _stfpm_official_order(layer_maps, (64, 64))
+        np.testing.assert_allclose(maps[i, 0].double().numpy(), reference, rtol=1e-4, atol=1e-7)
+        assert scores[i].item() == pytest.approx(reference.max(), rel=1e-4)
+
+
+def test_bad_fuse_at_rejected() -> None:
+    with pytest.raises(ValueError, match="fuse_at"):
+        AnomalyMapGenerator("product", fuse_at="middle")

@@ -133,3 +133,22 @@ def test_local_weights_file_is_loaded(tmp_path) -> None:
     torch.testing.assert_close(model.teacher.encoder.conv1.weight, source.conv1.weight)
     with pytest.raises(KDADError, match="no such file"):
         STFPM("resnet18", weights_path=str(tmp_path / "missing.pth"))
+
+
+def test_stfpm_student_residual_branches_start_switched_on() -> None:
+    """The official student is a torchvision resnet18: every BatchNorm scale starts at 1.
+
+    timm's default ``zero_init_last=True`` would set the last BatchNorm of every residual
+    block (``bn2`` of a BasicBlock) to 0, i.e. each block would start as the identity.
+    """
+    model = STFPM("resnet18", pretrained=False)
+    blocks = [
+        block for name in ("layer1", "layer2", "layer3") for block in getattr(model.student, name)
+    ]
+    assert len(blocks) == 6
+    for block in blocks:
+        assert torch.equal(block.bn2.weight, torch.ones_like(block.bn2.weight))
+    for module in model.student.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            assert torch.equal(module.weight, torch.ones_like(module.weight))
+            assert torch.equal(module.bias, torch.zeros_like(module.bias))

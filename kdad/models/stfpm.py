@@ -8,7 +8,14 @@ randomly initialised and trained on normal images. Features are L2-normalised al
     l_l = 1/(2 h_l w_l) * sum_{i,j} || F_t(i,j) - F_s(i,j) ||^2        (eq. 2)
 
 summed over stages (eq. 3). The anomaly map is the product over stages of the upsampled
-per-position distances (eq. 4-5); the image score is its maximum.
+per-position distances (eq. 4-5); the image score is its maximum. As in the official
+``test()``, the stages are multiplied at the first stage's resolution and the product is then
+resized to the image (``model.anomaly_map.fuse_at=first_layer``; ``image`` multiplies after
+resizing each stage to the image size).
+
+The student is a randomly initialised copy of the teacher's architecture with torchvision's
+initialisation (every BatchNorm scale 1, as the official torchvision resnet18 student), not
+timm's ``zero_init_last`` (see :mod:`kdad.models.components.backbone`).
 """
 
 from __future__ import annotations
