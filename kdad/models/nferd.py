@@ -36,19 +36,28 @@ from torch.utils.data import DataLoader, Subset
 
 from kdad.errors import KDADError
 from kdad.models.base import FeaturePairs
-from kdad.models.components.feature_bank import WEIGHTINGS, NormalFeatureBank, select_bank_images
+from kdad.models.components.feature_bank import (
+    RECALLS,
+    WEIGHTINGS,
+    NormalFeatureBank,
+    select_bank_images,
+)
 from kdad.models.components.hafm import COMBINES, FUSIONS, MERGES, StageFusion
-from kdad.models.rd4ad import ReverseDistillation
+from kdad.models.rd4ad import ReverseDistillation, reverse_distillation_loss
 
 log = logging.getLogger("kdad")
+
+LOSSES = ("flattened", "per_position")
 
 NFB_DEFAULTS: dict[str, Any] = {
     "enabled": True,
     "size": 16,  # N
     "top_k": 3,  # K
     "seed": 0,
+    "recall": "per_position",
     "weighting": "softmax",
-    "temperature": 1.0,
+    "temperature": 0.05,
+    "learn_temperature": True,
     "exclude_self": False,
 }
 HAFM_DEFAULTS: dict[str, Any] = {
@@ -102,11 +111,12 @@ class NFERD(ReverseDistillation):
         bottleneck_blocks: int | None = None,
         decoder_layers: Sequence[int] | None = None,
         official_unused_layer: bool = True,
-        decoder_output: str = "auto",
+        decoder_output: str = "relu",
         nfb: Mapping[str, Any] | None = None,
         fusion: str = "hafm",
         fused_to_decoder: bool = True,
         hafm: Mapping[str, Any] | None = None,
+        loss: str = "per_position",
         distance: str = "cosine",
         anomaly_map: Mapping | None = None,
     ) -> None:
@@ -128,6 +138,12 @@ class NFERD(ReverseDistillation):
             raise KDADError(
                 f"model.nfb.weighting={nfb_cfg['weighting']!r}: expected one of {list(WEIGHTINGS)}"
             )
+        if nfb_cfg["recall"] not in RECALLS:
+            raise KDADError(
+                f"model.nfb.recall={nfb_cfg['recall']!r}: expected one of {list(RECALLS)}"
+            )
+        if loss not in LOSSES:
+            raise KDADError(f"model.loss={loss!r}: expected one of {list(LOSSES)}")
         if not float(nfb_cfg["temperature"]) > 0:
             raise KDADError(f"model.nfb.temperature={nfb_cfg['temperature']!r}: must be > 0")
         if enabled and (size < 1 or not 1 <= top_k <= size):
@@ -152,12 +168,19 @@ class NFERD(ReverseDistillation):
         self.nfb_enabled, self.nfb_size, self.nfb_top_k = enabled, size, top_k
         self.nfb_seed, self.exclude_self = int(nfb_cfg["seed"]), bool(nfb_cfg["exclude_self"])
         self.fused_to_decoder = bool(fused_to_decoder)
+        self.loss_form = loss
         channels = tuple(self.teacher.channels)  # student stage i has teacher stage i's channels
         self.banks: nn.ModuleList | None = None
         if self.nfb_enabled:
             self.banks = nn.ModuleList(
                 NormalFeatureBank(
-                    c, c, self.nfb_top_k, nfb_cfg["weighting"], float(nfb_cfg["temperature"])
+                    c,
+                    c,
+                    self.nfb_top_k,
+                    nfb_cfg["weighting"],
+                    float(nfb_cfg["temperature"]),
+                    nfb_cfg["recall"],
+                    bool(nfb_cfg["learn_temperature"]),
                 )
                 for c in channels
             )
@@ -291,5 +314,20 @@ class NFERD(ReverseDistillation):
             x = fused if self.fused_to_decoder else student
         return list(zip(targets, predictions, strict=True))
 
+    def loss(self, pairs: FeaturePairs) -> Tensor:
+        """``flattened``: RD4AD's official loss; ``per_position``: section 3.4's (see module doc)."""
+        if self.loss_form == "flattened":
+            return reverse_distillation_loss(pairs)
+        return per_position_cosine_loss(pairs)
 
-__all__ = ["HAFM_DEFAULTS", "NFB_DEFAULTS", "NFERD"]
+
+def per_position_cosine_loss(pairs: FeaturePairs) -> Tensor:
+    """Section 3.4: sum over stages of ``1 - cos`` along channels, averaged over H_i x W_i
+    (and over the batch)."""
+    loss = pairs[0][0].new_zeros(())
+    for target, prediction in pairs:
+        loss = loss + (1.0 - F.cosine_similarity(target, prediction, dim=1)).mean()
+    return loss
+
+
+__all__ = ["HAFM_DEFAULTS", "LOSSES", "NFB_DEFAULTS", "NFERD", "per_position_cosine_loss"]

@@ -25,7 +25,7 @@ from kdad.models.components.backbone import Teacher, resnet_spec
 from kdad.models.components.bottleneck import OneClassBottleneck
 from kdad.models.components.decoder import ReverseDecoder
 
-DECODER_OUTPUTS = ("auto", "relu", "linear")
+DECODER_OUTPUTS = ("relu", "linear")
 
 
 def reverse_distillation_loss(pairs: FeaturePairs) -> Tensor:
@@ -49,15 +49,21 @@ class ReverseDistillation(DistillationModel):
         decoder_layers: blocks per decoder stage; ``None`` = the teacher's (3/4/6 for wrn50).
         official_unused_layer: keep the official OCBE's unused ``conv4``/``bn4`` (see
             :class:`OneClassBottleneck`) so parameter counts match the official code.
-        decoder_output: ``relu`` (the official decoder: stages end in a ReLU, as ResNet
-            stages do), ``linear`` (no final ReLU: for teachers with signed stage outputs) or
-            ``auto`` (``relu`` for ResNet teachers, ``linear`` otherwise).
+        decoder_output: ``relu`` (the official decoder: every stage ends in a ReLU, as ResNet
+            stages do) or ``linear`` (no final ReLU, so the student can produce the negative
+            values of teachers with signed stage outputs, e.g. EfficientNet).
         distance, anomaly_map: see :class:`DistillationModel`.
 
     Non-ResNet teachers (e.g. ``tf_efficientnet_lite0``: 24/40/112 channels at strides 4/8/16)
-    get the same OCBE (stride-2 3x3 convs to stage 3, concat, OCE basic blocks to ``2 c3``
-    channels at stride 32) and a basic-block decoder with 2 blocks per stage at the teacher's
-    stage widths, with linear stage outputs (``decoder_output=auto``).
+    get the same OCBE (stride-2 3x3 convs from stages 1 and 2 to stage 3's size and width,
+    concatenation, 2 OCE basic blocks to ``2 c3`` channels at stride 32) and a basic-block
+    decoder with 2 blocks per stage whose outputs have the teacher's stage widths (for Lite0:
+    OCBE 2.30 M, decoder 0.64 M trainable parameters). Lite0's stage outputs are signed (53-60 %
+    of the values negative), so a ReLU-terminated decoder cannot reproduce them exactly, yet
+    it detected better than a linear one at equal budgets (pretrained Lite0, 128 px, 15
+    epochs, seed 0: image AUROC 1.00 vs 0.95 on ``wood``, 0.88 vs 0.86 on ``dots``; 10 epochs on ``stripes``:
+    0.98 vs 0.81): the cosine loss and map
+    only need the direction of the features, and the default stays the official ``relu``.
     """
 
     def __init__(
@@ -69,7 +75,7 @@ class ReverseDistillation(DistillationModel):
         bottleneck_blocks: int | None = None,
         decoder_layers: Sequence[int] | None = None,
         official_unused_layer: bool = True,
-        decoder_output: str = "auto",
+        decoder_output: str = "relu",
         distance: str = "cosine",
         anomaly_map: Mapping | None = None,
     ) -> None:
@@ -106,7 +112,7 @@ class ReverseDistillation(DistillationModel):
             tuple(decoder_layers or default_layers),
             width,
             groups,
-            linear_output=decoder_output == "linear" or (decoder_output == "auto" and spec is None),
+            linear_output=decoder_output == "linear",
         )
 
     def forward(self, images: Tensor, targets: list[Tensor] | None = None) -> FeaturePairs:

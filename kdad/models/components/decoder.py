@@ -6,8 +6,9 @@ stage's output has the channels of the teacher stage it is compared with.
 
 Teachers whose stage outputs are signed (EfficientNet, MobileNet: a stage ends in a linear
 projection plus skip; 53-60 % of tf_efficientnet_lite0's stage 1-3 values are negative) cannot
-be matched by features that end in a ReLU, as ResNet stages (and the official decoder) do:
-``linear_output=True`` drops the ReLU after the last block of each stage.
+be matched exactly by features that end in a ReLU, as ResNet stages (and the official decoder)
+do: ``linear_output=True`` drops the ReLU after the last block of each stage (a switch; with
+the Lite0 teacher it detected worse than the official ReLU, see ``ReverseDistillation``).
 """
 
 from __future__ import annotations
