@@ -252,10 +252,11 @@ class DistillationModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         for name, metric in self.test_metrics.items():
             # torchmetrics gathers the states of all processes before computing; the exact
-            # float64 value goes to metrics.json, the logged copy is float32.
+            # float64 value goes to metrics.json, the logged copy is float32. The states live
+            # in host memory (build_metrics' states_on_cpu), so the value is computed there.
             value = metric.compute()
             self.test_results[name] = float(value)
-            self.log(f"test/{name}", value.float(), sync_dist=False)
+            self.log(f"test/{name}", value.float().to(self.device), sync_dist=False)
 
     # --- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

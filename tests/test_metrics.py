@@ -1,9 +1,10 @@
 """Tests of kdad.metrics against independent references.
 
 References: scikit-learn (``roc_auc_score``, ``average_precision_score``,
-``precision_recall_curve``), brute-force counting, and a straightforward threshold-loop
-PRO/AUPRO written here with per-image ``scipy.ndimage.label`` (MVTec AD definition). The code
-under test is never its own reference.
+``precision_recall_curve``, ``auc``), brute-force counting, and straightforward threshold-loop
+PRO/AUPRO written here with per-image ``scipy.ndimage.label`` (MVTec AD definition, and the
+PRO computations of the official RD4AD ``test.py`` and STFPM ``evaluate.py``). The code under
+test is never its own reference.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from scipy import ndimage
+from sklearn.metrics import auc as sklearn_auc
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 from torchmetrics import Metric
 
@@ -27,6 +29,8 @@ from kdad.metrics import (
     AUPRO,
     AUROC,
     METRIC_LEVEL,
+    PRORD4AD,
+    PROSTFPM,
     AveragePrecision,
     F1Max,
     UndefinedMetricWarning,
@@ -38,6 +42,8 @@ from kdad.metrics import (
     connected_components,
     f1_max,
     pro_curve,
+    pro_rd4ad,
+    pro_stfpm,
 )
 
 EIGHT = np.ones((3, 3), dtype=int)  # MVTec AD evaluation code's structuring element
@@ -165,6 +171,52 @@ def _ref_pro_curve_exact(maps, masks):
     """Exact curve: (0,0), one point per distinct score (descending), (1,1)."""
     fprs, pros = _ref_pro_points(maps, masks, np.unique(maps)[::-1])
     return np.r_[0.0, fprs, 1.0], np.r_[0.0, pros, 1.0]
+
+
+def _ref_regions(mask: np.ndarray) -> list[np.ndarray]:
+    """Boolean masks of the 8-connected regions of one image."""
+    lab, n = ndimage.label(mask, structure=EIGHT)
+    return [lab == k for k in range(1, n + 1)]
+
+
+def _ref_pro_rd4ad(maps: np.ndarray, masks: np.ndarray, num_th: int = 200) -> float:
+    """RD4AD test.py's PRO, written out: per anomalous image, a threshold loop."""
+    per_image = []
+    for amap, mask in zip(maps.astype(np.float64), masks, strict=True):
+        if not mask.any():
+            continue
+        regions = _ref_regions(mask)
+        rows = []
+        lo, hi = amap.min(), amap.max()
+        for th in np.arange(lo, hi, (hi - lo) / num_th):
+            binary = amap > th
+            pro = np.mean([binary[r].sum() / r.sum() for r in regions])
+            fpr = (binary & ~mask).sum() / (~mask).sum()
+            rows.append((fpr, pro))
+        fpr, pro = np.array(rows).T
+        keep = fpr < 0.3
+        per_image.append(sklearn_auc(fpr[keep] / fpr[keep].max(), pro[keep]))
+    return float(np.mean(per_image))
+
+
+def _ref_pro_stfpm(maps: np.ndarray, masks: np.ndarray, max_step: int = 4000) -> float:
+    """STFPM evaluate.py's PRO, written out: one threshold loop over all images jointly."""
+    maps = maps.astype(np.float64)
+    regions = [(i, r) for i, m in enumerate(masks) for r in _ref_regions(m)]
+    hi, lo = maps.max(), maps.min()
+    delta = (hi - lo) / max_step
+    fprs, pros = [], []
+    for step in range(max_step):
+        binary = maps > hi - step * delta
+        pros.append(np.mean([binary[i][r].sum() / r.sum() for i, r in regions]))
+        fprs.append((binary & ~masks).sum() / (~masks).sum())
+    fprs, pros = np.array(fprs), np.array(pros)
+    keep = fprs <= 0.3
+
+    def rescale(x: np.ndarray) -> np.ndarray:
+        return (x - x.min()) / (x.max() - x.min())
+
+    return float(sklearn_auc(rescale(fprs[keep]), rescale(pros[keep])))
 
 
 # ------------------------------------------------------------- image-level metrics
@@ -382,6 +434,78 @@ def test_invalid_inputs_raise() -> None:
         AUPRO(fpr_limit=1.5)
 
 
+# ------------------------------------------------------- the papers' PRO computations
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pro_rd4ad_matches_official_definition(seed: int) -> None:
+    masks = _random_masks(6, 24, 24, seed=seed)
+    maps = _structured_maps(masks, seed=seed)
+    ours = pro_rd4ad(_t(maps), _t(masks))
+    assert ours.dtype == torch.float64 and ours.ndim == 0
+    assert ours.item() == pytest.approx(_ref_pro_rd4ad(maps, masks), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pro_stfpm_matches_official_definition(seed: int) -> None:
+    masks = _random_masks(5, 20, 20, seed=seed)
+    maps = _structured_maps(masks, seed=seed)
+    ours = pro_stfpm(_t(maps), _t(masks))
+    assert ours.item() == pytest.approx(_ref_pro_stfpm(maps, masks), abs=1e-12)
+    coarse = pro_stfpm(_t(maps), _t(masks), num_thresholds=300)
+    assert coarse.item() == pytest.approx(_ref_pro_stfpm(maps, masks, 300), abs=1e-12)
+
+
+def test_pro_definitions_differ_and_ties_are_exact() -> None:
+    masks = _random_masks(8, 24, 24, seed=4)
+    maps = _structured_maps(masks, seed=4, noise=0.6)
+    values = [f(_t(maps), _t(masks)).item() for f in (aupro, pro_rd4ad, pro_stfpm)]
+    assert min(abs(a - b) for i, a in enumerate(values) for b in values[i + 1 :]) > 1e-3
+    # Heavily tied maps: thresholds falling on map values count ``map > t`` strictly.
+    tied = np.round(maps * 4) / 4
+    assert pro_rd4ad(_t(tied), _t(masks)).item() == pytest.approx(
+        _ref_pro_rd4ad(tied, masks), abs=1e-12
+    )
+    assert pro_stfpm(_t(tied), _t(masks), 200).item() == pytest.approx(
+        _ref_pro_stfpm(tied, masks, 200), abs=1e-12
+    )
+
+
+def test_pro_papers_undefined_cases() -> None:
+    normal = np.zeros((2, 8, 8), dtype=bool)
+    maps = np.random.default_rng(0).random((2, 8, 8))
+    for fn in (pro_rd4ad, pro_stfpm):
+        with pytest.warns(UndefinedMetricWarning):
+            assert torch.isnan(fn(_t(maps), _t(normal)))
+
+
+@pytest.mark.parametrize(("cls", "fn"), [(PRORD4AD, pro_rd4ad), (PROSTFPM, pro_stfpm)])
+def test_pro_paper_metrics_batches_equal_one_shot(cls, fn) -> None:
+    masks = _random_masks(10, 20, 20, seed=6)
+    maps = _structured_maps(masks, seed=6)
+    metric = cls()
+    for sl in (slice(0, 3), slice(3, 9), slice(9, 10)):
+        metric.update(_t(maps[sl], torch.float32)[:, None], _t(masks[sl])[:, None])
+    expected = fn(_t(maps, torch.float32), _t(masks)).item()
+    assert metric.compute().item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_states_on_cpu_same_values() -> None:
+    masks = _random_masks(6, 16, 16, seed=3)
+    maps = _t(_structured_maps(masks, seed=3), torch.float32)
+    on_host, plain = build_metrics(), build_metrics(states_on_cpu=False)
+    assert all(m.compute_on_cpu for m in on_host.values())
+    for metrics in (on_host, plain):
+        for name, metric in metrics.items():
+            if METRIC_LEVEL[name] == "image":
+                metric.update(maps.amax(dim=(1, 2)), _t(masks.any(axis=(1, 2))))
+            else:
+                metric.update(maps[:3], _t(masks[:3]))
+                metric.update(maps[3:], _t(masks[3:]))
+    for name in on_host:
+        assert on_host[name].compute().item() == plain[name].compute().item(), name
+
+
 # ---------------------------------------------------------------- Metric classes
 
 
@@ -458,7 +582,7 @@ def test_metric_reset_and_detach() -> None:
     assert a.compute().item() == pytest.approx(1.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("cls", [AUROC, AveragePrecision, F1Max, AUPRO])
+@pytest.mark.parametrize("cls", [AUROC, AveragePrecision, F1Max, AUPRO, PRORD4AD, PROSTFPM])
 def test_metric_compute_without_samples_is_nan(cls) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchmetrics' own "compute before update" warning
@@ -471,7 +595,15 @@ def test_metric_compute_without_samples_is_nan(cls) -> None:
 
 def test_build_metrics() -> None:
     a, b = build_metrics(), build_metrics()
-    assert list(a) == ["image_auroc", "image_f1_max", "pixel_auroc", "pixel_aupro", "pixel_ap"]
+    assert list(a) == [
+        "image_auroc",
+        "image_f1_max",
+        "pixel_auroc",
+        "pixel_aupro",
+        "pixel_ap",
+        "pixel_pro_rd4ad",
+        "pixel_pro_stfpm",
+    ]
     assert set(a) == set(METRIC_LEVEL)
     assert set(METRIC_LEVEL.values()) == {"image", "pixel"}
     assert all(METRIC_LEVEL[k].startswith(k.split("_")[0]) for k in a)
@@ -479,6 +611,8 @@ def test_build_metrics() -> None:
     assert all(a[k] is not b[k] for k in a)  # fresh instances
     assert isinstance(a["pixel_aupro"], AUPRO) and isinstance(a["image_f1_max"], F1Max)
     assert isinstance(a["pixel_ap"], AveragePrecision) and isinstance(a["image_auroc"], AUROC)
+    assert isinstance(a["pixel_pro_rd4ad"], PRORD4AD)
+    assert isinstance(a["pixel_pro_stfpm"], PROSTFPM)
 
 
 # ---------------------------------------------------------------------------- DDP
@@ -566,6 +700,8 @@ def test_ddp_gather_equals_single_process(tmp_path: Path) -> None:
         "pixel_auroc": roc_auc_score(d["masks"].ravel(), s32),
         "pixel_ap": average_precision_score(d["masks"].ravel(), s32),
         "pixel_aupro": _ref_area(*_ref_pro_curve_exact(maps32.double().numpy(), d["masks"]), 0.3),
+        "pixel_pro_rd4ad": _ref_pro_rd4ad(maps32.double().numpy(), d["masks"]),
+        "pixel_pro_stfpm": _ref_pro_stfpm(maps32.double().numpy(), d["masks"]),
     }
     # The test is sensitive: each rank's local data alone gives a different AUPRO / AUROC.
     for sl in (slice(0, _DDP_SPLIT), slice(_DDP_SPLIT, None)):

@@ -45,6 +45,8 @@ __all__ = [
     "connected_components",
     "f1_max",
     "pro_curve",
+    "pro_rd4ad",
+    "pro_stfpm",
 ]
 
 
@@ -283,3 +285,145 @@ def aupro(maps: Tensor, masks: Tensor, fpr_limit: float = 0.3) -> Tensor:
         y_lim = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
         area = area + 0.5 * (y0 + y_lim) * (fpr_limit - x0)
     return area / fpr_limit
+
+
+# --- The papers' own PRO computations -------------------------------------------------------
+# Both official codes threshold the maps at a fixed number of evenly spaced values instead of
+# at every distinct score. For a threshold grid ``t`` (ascending) the number of pixels of each
+# region with ``map > t_k`` follows from one ``searchsorted`` per pixel: ``idx = #{k: t_k < v}``
+# is the number of thresholds a pixel of value ``v`` exceeds. Counting ``idx`` per region with
+# ``bincount`` gives every region's above-threshold counts at all thresholds at once, exactly
+# (float64 comparisons, integer counts), in O(pixels * log(thresholds)) and image by image.
+
+
+def _above_counts(
+    values: np.ndarray, labels: np.ndarray, num_labels: int, thresholds: np.ndarray
+) -> np.ndarray:
+    """(num_labels, T): per label, the number of pixels with ``value > thresholds[k]``.
+
+    ``thresholds`` must be ascending; ``values`` float64, ``labels`` in ``[0, num_labels)``.
+    """
+    num_thresholds = thresholds.size
+    exceeded = np.searchsorted(thresholds, values, side="left")  # thresholds strictly below v
+    counts = np.bincount(
+        labels * (num_thresholds + 1) + exceeded, minlength=num_labels * (num_thresholds + 1)
+    ).reshape(num_labels, num_thresholds + 1)
+    # Pixels above t_k are those exceeding at least k + 1 thresholds.
+    at_least = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1]
+    return at_least[:, 1:]
+
+
+def _sklearn_auc(x: np.ndarray, y: np.ndarray) -> float:
+    """``sklearn.metrics.auc``: trapezoid area of a monotonic curve, either direction."""
+    if x.size < 2:
+        return float("nan")
+    dx = np.diff(x)
+    direction = -1.0 if np.any(dx < 0) and np.all(dx <= 0) else 1.0
+    if np.any(dx < 0) and not np.all(dx <= 0):
+        raise ValueError("x is neither increasing nor decreasing")
+    return float(direction * np.trapezoid(y, x))
+
+
+def _maps_masks_numpy(maps: Tensor, masks: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    maps, masks = _prepare_maps(maps, masks)
+    _check_scores(maps)
+    return maps.cpu().numpy(), _binarize(masks).cpu().numpy()
+
+
+def pro_rd4ad(
+    maps: Tensor, masks: Tensor, num_thresholds: int = 200, fpr_limit: float = 0.3
+) -> Tensor:
+    """The PRO of RD4AD's official ``test.py`` (``compute_pro``), as published by RD4AD/NFERD.
+
+    For each test image with a defect region, on its own: thresholds
+    ``np.arange(min, max, (max - min) / num_thresholds)`` of that image's map; at each, the
+    mean over the image's 8-connected regions of the fraction of region pixels with
+    ``map > t``, and the FPR over the image's normal pixels; the points with
+    ``FPR < fpr_limit`` kept, their FPR divided by its maximum, and the trapezoid area
+    (``sklearn.metrics.auc``). The result is the mean over those images (normal images do not
+    count). Returns ``nan`` with an :class:`UndefinedMetricWarning` if no image has a defect
+    region; an image whose map is constant (no threshold grid) or that has no normal pixel
+    (the official code fails on both) is left out with a warning.
+    """
+    values, defects = _maps_masks_numpy(maps, masks)
+    areas, skipped = [], 0
+    for image, defect in zip(values, defects, strict=True):
+        if not defect.any():
+            continue
+        labels, num_regions = ndimage.label(defect, structure=np.ones((3, 3), dtype=bool))
+        image = image.astype(np.float64).reshape(-1)
+        labels = labels.reshape(-1)
+        low, high = image.min(), image.max()
+        if not high > low or defect.all():
+            skipped += 1
+            continue
+        thresholds = np.arange(low, high, (high - low) / num_thresholds)
+        above = _above_counts(image, labels, num_regions + 1, thresholds)
+        sizes = np.bincount(labels, minlength=num_regions + 1).astype(np.float64)
+        pro = (above[1:] / sizes[1:, None]).mean(axis=0)
+        fpr = above[0] / sizes[0]
+        keep = fpr < fpr_limit
+        fpr, pro = fpr[keep], pro[keep]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fpr = fpr / fpr.max() if fpr.size else fpr
+        areas.append(_sklearn_auc(fpr, pro))
+    if skipped:
+        warnings.warn(
+            f"pro_rd4ad: {skipped} anomalous image(s) left out (constant map or no normal pixel)",
+            UndefinedMetricWarning,
+            stacklevel=2,
+        )
+    if not areas:
+        return _nan(maps.device, "PRO (RD4AD) is undefined without any anomalous region")
+    return torch.tensor(float(np.mean(areas)), dtype=torch.float64, device=maps.device)
+
+
+def pro_stfpm(
+    maps: Tensor, masks: Tensor, num_thresholds: int = 4000, fpr_limit: float = 0.3
+) -> Tensor:
+    """The PRO of STFPM's official ``evaluate.py`` (``pro``), as published by STFPM.
+
+    All test images jointly: thresholds ``max - k * (max - min) / num_thresholds`` for
+    ``k = 0 .. num_thresholds - 1`` of all maps; at each, the mean over *all* 8-connected
+    regions of all images of the fraction of region pixels with ``map > t``, and the FPR over
+    all normal pixels; the points with ``FPR <= fpr_limit`` kept, FPR and PRO each min-max
+    rescaled to [0, 1], and the trapezoid area (``sklearn.metrics.auc``). Returns ``nan``
+    with an :class:`UndefinedMetricWarning` without a defect region, a normal pixel or a
+    spread of the map values.
+    """
+    values, defects = _maps_masks_numpy(maps, masks)
+    if not defects.any():
+        return _nan(maps.device, "PRO (STFPM) is undefined without any anomalous region")
+    if defects.all():
+        return _nan(maps.device, "PRO (STFPM) is undefined without any normal pixel")
+    low, high = float(values.min()), float(values.max())
+    if not high > low:
+        return _nan(maps.device, "PRO (STFPM) is undefined for constant maps")
+    delta = (high - low) / num_thresholds
+    descending = np.float64(high) - np.arange(num_thresholds, dtype=np.float64) * delta
+    ascending = descending[::-1].copy()
+    normal_above = np.zeros(num_thresholds, dtype=np.int64)
+    region_fractions = []
+    structure = np.ones((3, 3), dtype=bool)
+    for image, defect in zip(values, defects, strict=True):
+        labels, num_regions = ndimage.label(defect, structure=structure)
+        labels = labels.reshape(-1)
+        above = _above_counts(
+            image.astype(np.float64).reshape(-1), labels, num_regions + 1, ascending
+        )
+        normal_above += above[0]
+        if num_regions:
+            sizes = np.bincount(labels, minlength=num_regions + 1)[1:, None]
+            region_fractions.append(above[1:] / sizes)
+    fpr = (normal_above / np.count_nonzero(~defects))[::-1]
+    pro = np.concatenate(region_fractions).mean(axis=0)[::-1]
+    keep = fpr <= fpr_limit
+    fpr, pro = fpr[keep], pro[keep]
+
+    def rescale(x: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (x - x.min()) / (x.max() - x.min())
+
+    return torch.tensor(
+        _sklearn_auc(rescale(fpr), rescale(pro)), dtype=torch.float64, device=maps.device
+    )
