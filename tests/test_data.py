@@ -667,3 +667,51 @@ def test_cache_preloads_identical_items_within_its_budget_and_reads_them_in_proc
     assert roomy.train_dataset.preloaded
     with pytest.raises(KDADError, match=r"data.cache='yes': expected true, false or auto"):
         mvtec_module(tmp_path, cache="yes")
+
+
+def _blob_mask(size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    mask = np.zeros((size, size), bool)
+    for _ in range(6):
+        cy, cx = rng.integers(0, size, 2)
+        r = rng.integers(3, size // 6)
+        mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    mask[size // 2 : size // 2 + 2, :] = True  # thin structures are where the rules differ
+    mask[:, size // 3 : size // 3 + 3] = True
+    return mask
+
+
+def _rd4ad_official_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """hq-deng/RD4AD: PIL bilinear resize of the 8-bit mask image, ToTensor, ``> 0.5``."""
+    image = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(image.resize((size, size), Image.BILINEAR)) / 255.0 > 0.5
+
+
+@pytest.mark.parametrize(("source", "seed"), [(1024, 0), (1024, 1), (900, 2)])
+def test_bilinear_mask_resize_is_rd4ads(source: int, seed: int) -> None:
+    mask = _blob_mask(source, seed)
+    ours = Preprocess(256, mask_resize="bilinear").transform_mask(mask)
+    assert set(ours.unique().tolist()) <= {0.0, 1.0}
+    reference = _rd4ad_official_mask(mask, 256)
+    np.testing.assert_array_equal(ours[0].numpy() > 0.5, reference)
+    nearest = Preprocess(256).transform_mask(mask)[0].numpy() > 0.5
+    assert (nearest != reference).sum() > 0  # the two choices really differ
+
+
+def test_bilinear_mask_resize_non_integer_factor_within_a_pixel() -> None:
+    # PIL's fixed-point filter weights vs float weights: at most a pixel or two of 65,536 flip.
+    for source in (1000, 600):
+        mask = _blob_mask(source, 3)
+        ours = Preprocess(256, mask_resize="bilinear").transform_mask(mask)[0].numpy() > 0.5
+        assert (ours != _rd4ad_official_mask(mask, 256)).sum() <= 2
+
+
+def test_mask_resize_key() -> None:
+    with pytest.raises(KDADError, match="mask_resize"):
+        Preprocess(16, mask_resize="bicubic")
+    dm = AnomalyDataModule("synthetic", "/nonexistent", "stripes", mask_resize="bilinear")
+    assert dm.preprocess.mask_resize == "bilinear"
+    assert AnomalyDataModule("synthetic", "/nonexistent", "stripes").preprocess.mask_resize == (
+        "nearest"
+    )

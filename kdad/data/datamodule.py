@@ -54,7 +54,9 @@ class AnomalyDataModule(L.LightningDataModule):
     (never test images); with ``val_fraction=0`` there is none and Lightning skips
     validation. ``layout="synthetic"`` generates its data under ``root`` on first use;
     ``test_fraction`` (folder layout) is the share of ``normal_dir`` held out as normal test
-    images when no ``normal_test_dir`` is given (default 0.2).
+    images when no ``normal_test_dir`` is given (default 0.2). ``mask_resize``: how test masks
+    are resampled to the input size, ``nearest`` or ``bilinear`` then ``> 0.5`` (the official
+    RD4AD code), see :class:`~kdad.data.transforms.Preprocess`.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class AnomalyDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         cache: bool | str = "auto",
         cache_max_gb: float = 4.0,
+        mask_resize: str = "nearest",
     ) -> None:
         super().__init__()
         if layout not in LAYOUTS:
@@ -113,7 +116,8 @@ class AnomalyDataModule(L.LightningDataModule):
             raise KDADError(f"test_fraction must be a number in [0, 1), got {test_fraction!r}")
         # No save_hyperparameters(): keys shared with the model's hparams (image_size, ...)
         # would make Lightning's hparam logging fail when their values differ.
-        self.preprocess = Preprocess(image_size, crop_size)  # validates the sizes
+        # validates the sizes and mask_resize (nearest | bilinear: official RD4AD)
+        self.preprocess = Preprocess(image_size, crop_size, mask_resize=mask_resize)
 
         if layout == "btad" and str(category).isdigit():
             category = str(category).zfill(2)  # YAML reads 01 as the integer 1

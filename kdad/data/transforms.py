@@ -19,6 +19,8 @@ from kdad.errors import KDADError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# How ground-truth masks are resampled to the model's input size (see Preprocess).
+MASK_RESIZE = ("nearest", "bilinear")
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -105,7 +107,11 @@ class Preprocess:
 
     Images are resized (bilinear, antialiased) to ``image_size`` x ``image_size`` (aspect ratio
     is not kept, as in the RD4AD/STFPM reference code), then centre-cropped to ``crop_size``.
-    Masks get the same geometry with nearest-neighbour resizing, so they stay binary.
+    Masks get the same geometry; ``mask_resize`` says how they are resampled:
+
+    - ``nearest``: nearest neighbour at pixel centres (the mask stays binary as sampled);
+    - ``bilinear``: bilinear, antialiased like PIL's resize, then ``> 0.5`` — the official
+      RD4AD code (``transforms.Resize`` of the mask image, then ``gt > 0.5``).
     """
 
     def __init__(
@@ -114,7 +120,13 @@ class Preprocess:
         crop_size: int | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        mask_resize: str = "nearest",
     ) -> None:
+        if mask_resize not in MASK_RESIZE:
+            raise KDADError(
+                f"mask_resize must be one of {', '.join(MASK_RESIZE)}, got {mask_resize!r}"
+            )
+        self.mask_resize = mask_resize
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
             raise KDADError(f"image_size must be a positive integer, got {image_size!r}")
         if crop_size is not None and (
@@ -160,11 +172,19 @@ class Preprocess:
         """bool/0-1 (H, W) mask -> float (1, S, S) tensor of exactly 0.0 and 1.0."""
         x = torch.from_numpy(np.ascontiguousarray(mask > 0)).float()[None, None]
         # "nearest-exact" samples pixel centres like PIL; plain "nearest" shifts by half a pixel.
-        return (self._geometry(x, "nearest-exact") > 0.5).float().contiguous()
+        if self.mask_resize == "nearest":
+            return (self._geometry(x, "nearest-exact") > 0.5).float().contiguous()
+        # RD4AD resizes the 8-bit mask image with PIL, whose output is 8-bit again: round to
+        # 1/255 steps as it does, so that half-covered pixels (0.5 -> 128/255) count as defect.
+        resized = torch.round(self._geometry(x * 255.0, "bilinear")) / 255.0
+        return (resized > 0.5).float().contiguous()
 
     def denormalize(self, tensor: torch.Tensor) -> np.ndarray:
         """Undo this normalisation: a (3, H, W) tensor -> uint8 (H, W, 3) array."""
         return denormalize(tensor, self.mean, self.std)
 
     def __repr__(self) -> str:
-        return f"Preprocess(image_size={self.image_size}, crop_size={self.crop_size})"
+        return (
+            f"Preprocess(image_size={self.image_size}, crop_size={self.crop_size}, "
+            f"mask_resize={self.mask_resize!r})"
+        )
