@@ -242,11 +242,15 @@ class DistillationModule(L.LightningModule):
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Tensor]:
         maps, scores = self.net.predict(self._images(batch))
         labels, masks = batch["label"], batch["mask"]
+        # The metrics keep their states in host memory (build_metrics' states_on_cpu): one host
+        # copy of the batch, shared by every pixel metric, rather than a copy per metric.
+        pixel_maps = maps[:, 0].detach().float().cpu()
+        pixel_masks = (masks[:, 0] > 0.5).cpu()
         for name, metric in self.test_metrics.items():
             if METRIC_LEVEL[name] == "image":
                 metric.update(scores, labels)
             else:
-                metric.update(maps[:, 0], masks[:, 0] > 0.5)
+                metric.update(pixel_maps, pixel_masks)
         return {"anomaly_maps": maps, "pred_scores": scores}
 
     def on_test_epoch_end(self) -> None:

@@ -7,8 +7,9 @@ loop on synthetic maps (``--images`` at ``--size`` px, batches of ``--batch``, g
 batch by batch so that the data themselves do not accumulate) in a fresh process per
 configuration and reports:
 
-- ``device_state_bytes`` / ``host_state_bytes``: bytes of the stored states by where they
-  live, after the last update (exact tensor accounting);
+- ``device_state_bytes`` / ``host_state_bytes``: bytes of the distinct storages behind the
+  stored states by where they live, after the last update (the pixel metrics share one
+  float32 map tensor per batch; each keeps its own uint8 masks);
 - ``peak_rss_*_mib``: the process's peak resident host memory (VmHWM, reset once the
   libraries are loaded) above its resident memory at that point, after the updates and after
   ``compute()``: everything the process allocated on the host, the metrics' compute
@@ -18,8 +19,9 @@ configuration and reports:
 - every metric's value, so that the two placements are compared for exact equality.
 
 Configurations: ``device`` = states kept on the test device (``states_on_cpu=False``, kdad's
-behaviour before) and ``host`` = states moved to host memory after each update
-(``states_on_cpu=True``, the default now).
+behaviour before) and ``host`` = states in host memory (``states_on_cpu=True``, the default
+now; the batch is copied to the host once and shared by the pixel metrics, as
+``DistillationModule.test_step`` does).
 
     python experiments/benchmark/pixel_metric_memory.py --images 167 --size 256 --device cpu \
         --out experiments/benchmark/results/pixel_metric_memory_cpu.md
@@ -74,18 +76,16 @@ def _reset_peak() -> None:
 
 
 def _state_bytes(metrics: dict, device_type: str) -> tuple[int, int]:
-    on_device = on_host = 0
+    """Bytes of the distinct storages behind the states (metrics may share one tensor)."""
+    seen: dict[tuple[str, int], int] = {}
     for metric in metrics.values():
         for name in metric._defaults:
             for tensor in getattr(metric, name):
-                size = tensor.numel() * tensor.element_size()
-                if tensor.device.type == device_type and device_type != "cpu":
-                    on_device += size
-                elif device_type == "cpu":
-                    on_device += size  # on a CPU run the test device *is* host memory
-                else:
-                    on_host += size
-    return on_device, on_host
+                storage = tensor.untyped_storage()
+                seen[(tensor.device.type, storage.data_ptr())] = storage.nbytes()
+    # On a CPU run the test device *is* host memory: everything counts as "on the device".
+    on_device = sum(b for (kind, _), b in seen.items() if kind == device_type)
+    return on_device, sum(seen.values()) - on_device
 
 
 def measure(images: int, size: int, batch: int, device: str, mode: str) -> dict:
@@ -102,6 +102,8 @@ def measure(images: int, size: int, batch: int, device: str, mode: str) -> dict:
         maps, masks = batch_data(index, n, size)
         maps, masks = maps.to(dev), masks.to(dev)
         scores, labels = maps.flatten(1).amax(1), masks.flatten(1).any(1)
+        if mode == "host":  # as the test loop does: one host copy shared by the pixel metrics
+            maps, masks = maps.cpu(), masks.cpu()
         for name, metric in metrics.items():
             if METRIC_LEVEL[name] == "image":
                 metric.update(scores, labels)
