@@ -153,6 +153,118 @@ def test_hafm_attends_in_parallel_unlike_cbam() -> None:
     assert alone.mix is None and alone(s).shape == s.shape
 
 
+def test_per_position_recall_matches_a_loop_over_positions() -> None:
+    torch.manual_seed(0)
+    bank = NormalFeatureBank(5, 5, top_k=2, recall="per_position", temperature=0.1)
+    with torch.no_grad():
+        bank.proj.weight.add_(0.3 * torch.randn_like(bank.proj.weight))  # not the identity
+        bank.proj.bias.normal_()
+    bank.store(torch.randn(6, 5, 3, 4), size=(3, 4))
+    student = torch.randn(2, 5, 3, 4)
+    entries = bank.proj(bank.features).detach()
+    expected = torch.empty_like(student)
+    for b in range(2):
+        for i in range(3):
+            for j in range(4):
+                sim = F.cosine_similarity(student[b, :, i, j][None], entries[:, :, i, j], dim=1)
+                top, idx = sim.topk(2)
+                w = torch.softmax(top / 0.1, dim=0)
+                expected[b, :, i, j] = (w[:, None] * entries[idx, :, i, j]).sum(0)
+    torch.testing.assert_close(bank(student), expected, rtol=1e-4, atol=1e-5)
+    # Mixing the stored maps, then projecting (no gradient through S) gives the same v.
+    bank.similarity_grad = False
+    torch.testing.assert_close(bank(student), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_default_recall_depends_on_the_input() -> None:
+    """Under the defaults, different images (and positions) recall different entries with
+    weights far from uniform (the paper's flattened reading at temperature 1 is ~uniform)."""
+    torch.manual_seed(0)
+    cfg = {k: v for k, v in NFB_DEFAULTS.items() if k in ("top_k", "temperature", "recall")}
+    bank = NormalFeatureBank(8, 8, learn_temperature=NFB_DEFAULTS["learn_temperature"], **cfg)
+    entries = torch.randn(16, 8, 4, 4)
+    bank.store(entries, size=(4, 4))
+    # Each image: a noisy copy of entry i in its left half and of entry j in its right half.
+    student = torch.randn(6, 8, 4, 4) * 0.3
+    for b, (i, j) in enumerate([(0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11)]):
+        student[b, :, :, :2] += entries[i, :, :, :2]
+        student[b, :, :, 2:] += entries[j, :, :, 2:]
+    with torch.no_grad():
+        mix = bank.mixture(student)  # (B, N, H, W)
+    best = mix.argmax(dim=1)
+    assert best[:, :, :2].eq(torch.arange(0, 12, 2)[:, None, None]).float().mean() > 0.9
+    assert best[:, :, 2:].eq(torch.arange(1, 12, 2)[:, None, None]).float().mean() > 0.9
+    top = mix.topk(NFB_DEFAULTS["top_k"], dim=1).values
+    assert top[:, 0].mean() > 0.9  # the matching entry dominates: not 1/K each
+    paper = NormalFeatureBank(8, 8, top_k=3, temperature=1.0, recall="flattened")
+    paper.store(entries, size=(4, 4))
+    with torch.no_grad():
+        paper_top = paper.mixture(student).topk(3, dim=1).values
+    assert paper_top.max() < 0.45  # the paper's reading: near-uniform over K
+
+
+def _pairs(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(2, 4, 6, 6), (2, 8, 3, 3), (2, 16, 2, 2)]
+    return [(torch.randn(*sh, generator=g), torch.randn(*sh, generator=g)) for sh in shapes]
+
+
+def test_both_loss_forms_match_reference_computations() -> None:
+    pairs = _pairs()
+    flattened = sum(
+        sum(
+            1 - F.cosine_similarity(t[b].reshape(1, -1), p[b].reshape(1, -1)).item()
+            for b in range(2)
+        )
+        / 2
+        for t, p in pairs
+    )
+    per_position = 0.0
+    for t, p in pairs:
+        _, _, h, w = t.shape
+        total = sum(
+            1 - F.cosine_similarity(t[b, :, i, j], p[b, :, i, j], dim=0).item()
+            for b in range(2)
+            for i in range(h)
+            for j in range(w)
+        )
+        per_position += total / (2 * h * w)
+    with torch.device("meta"):
+        flat_model = NFERD("resnet18", pretrained=False, loss="flattened")
+        pp_model = NFERD("resnet18", pretrained=False)  # default: section 3.4's loss
+    assert pp_model.loss_form == "per_position"
+    torch.testing.assert_close(flat_model.loss(pairs).item(), flattened, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pp_model.loss(pairs).item(), per_position, rtol=1e-5, atol=1e-6)
+    assert torch.equal(flat_model.loss(pairs), ReverseDistillation.loss(flat_model, pairs))
+    with pytest.raises(KDADError, match=r"model\.loss="):
+        _nferd(loss="pixel")
+    with pytest.raises(KDADError, match=r"model\.nfb\.recall="):
+        _nferd(nfb={"recall": "global"})
+
+
+PAPER_NFB = {"recall": "flattened", "temperature": 1.0, "learn_temperature": False}
+
+
+def test_paper_reading_switch_recalls_whole_maps_with_gradient_through_s() -> None:
+    model = _nferd(nfb={"size": 6, "top_k": 2, **PAPER_NFB, "similarity_grad": True})
+    model.before_fit(_loader(_images(8)))
+    bank = model.banks[0]
+    assert bank.recall == "flattened" and bank.log_scale is None
+    assert not any("log_scale" in n for n, _ in model.named_parameters())
+    student = torch.rand(3, *bank.features.shape[1:], requires_grad=True)
+    entries = bank.proj(bank.features)
+    sim = F.normalize(student.flatten(1), dim=1) @ F.normalize(entries.flatten(1), dim=1).T
+    top, idx = sim.topk(2, dim=1)
+    w = torch.softmax(top, dim=1)
+    expected = torch.stack([w[b] @ entries[idx[b]].flatten(1) for b in range(3)])
+    recalled = bank(student)
+    torch.testing.assert_close(recalled.flatten(1), expected)
+    (grad,) = torch.autograd.grad(recalled.sum(), student)
+    assert grad.abs().sum() > 0  # the weights depend on the student (gradient through S)
+    bank.similarity_grad = False  # the default: S only selects and weights
+    assert torch.autograd.grad(bank(student).sum(), student, allow_unused=True)[0] is None
+
+
 # --- shapes, gradients, RD4AD equivalence ----------------------------------------------------
 @pytest.mark.parametrize(
     ("backbone", "channels"),
@@ -220,12 +332,19 @@ def test_without_bank_and_fusion_it_computes_rd4ad() -> None:
     images = _images(2)
     for (t1, p1), (t2, p2) in zip(nferd.eval()(images), rd.eval()(images), strict=True):
         assert torch.equal(t1, t2) and torch.equal(p1, p2)
+    # ... and with the official flattened loss, the same loss (the default is section 3.4's).
+    flat = NFERD(
+        "resnet18", pretrained=False, nfb={"enabled": False}, fusion="none", loss="flattened"
+    )
+    flat.load_state_dict(rd.state_dict())
+    assert torch.equal(flat.loss(flat.eval()(images)), rd.loss(rd(images)))
 
 
 def test_bank_adds_parameters_only_where_it_should() -> None:
     rd = ReverseDistillation("resnet18", pretrained=False).num_parameters(trainable=True)
     add = _nferd(fusion="add").num_parameters(trainable=True)
-    assert add - rd == sum(c * c + c for c in (64, 128, 256))  # three 1x1 projections
+    # three 1x1 projections and three learned inverse temperatures (the default)
+    assert add - rd == sum(c * c + c + 1 for c in (64, 128, 256))
     attention_only = NFERD("resnet18", pretrained=False, nfb={"enabled": False}, fusion="hafm")
     assert attention_only.banks is None and attention_only.num_parameters(trainable=True) > rd
 
@@ -375,6 +494,7 @@ def test_model_config_has_the_switches_and_paper_defaults() -> None:
     assert set(cfg.model.nfb) >= {"enabled", "size", "top_k", "seed"} and cfg.model.fusion == "hafm"
     # Every switch is in the YAML, with the constructor's defaults (overridable, sweepable).
     assert dict(cfg.model.nfb) == NFB_DEFAULTS and dict(cfg.model.hafm) == HAFM_DEFAULTS
+    assert cfg.model.loss == "per_position" and cfg.model.nfb.recall == "per_position"
     assert cfg.optimizer.lr == 0.005 and list(cfg.optimizer.betas) == [0.5, 0.999]
 
 

@@ -1,7 +1,8 @@
 """NFERD's normal feature bank (NFB): teacher features of normal training images, recalled by similarity.
 
-Wang et al., "Unsupervised Anomaly Detection via Normal Feature-Enhanced Reverse Teacher-Student
-Distillation", Electronics 2024, 13(20):4125, section 3: before training, ``N`` randomly chosen
+Electronics 2024, 13(20):4125: the method "Normal Feature-Enhanced Reverse teacher–student
+Distillation" (NFERD); title and authors are not stated in the text available to kdad.
+Section 3: before training, ``N`` randomly chosen
 normal training images go through the frozen teacher; one bank per teacher stage stores their
 feature maps, bilinearly resized to the matching student stage and brought to its channel
 count by a 1x1 convolution. At a student stage, the student map ``s`` and the ``N`` bank maps
@@ -16,11 +17,18 @@ Choices the text leaves open (documented in the README, switchable in the config
   The convolution is trainable, so it is applied to the bank at recall time, and the
   similarities are measured in its output space (the space the student map lives in). It
   starts as the identity, so the first recalls are the teacher's own normal features.
-- ``w``: ``softmax`` of the K similarities divided by ``temperature`` (default 1: "a softmax of
-  their similarities"), ``uniform`` (the mean of the K maps) or ``linear`` (similarities
-  normalised to sum to one, clamped at zero).
-- Everything is batched tensor work on the bank's device: one matmul for all similarities of a
-  batch, ``topk``, and one (batch x N) @ (N x D) matmul for the weighted sums.
+- ``recall``: ``flattened`` is the paper's reading (one similarity per whole map, the same
+  mixture at every position); ``per_position`` compares the C-vectors at each position with
+  the entries' at the same position, so each position recalls its own top-K and ``w``.
+- ``w``: ``softmax`` of the K similarities divided by ``temperature`` ("a softmax of their
+  similarities"; ``learn_temperature`` trains the inverse temperature), ``uniform`` (the mean
+  of the K maps) or ``linear`` (similarities normalised to sum to one, clamped at zero).
+- ``similarity_grad``: whether gradients flow through ``S``. Without (kdad's default) ``S`` is
+  a retrieval key: the stored maps are mixed, then projected (the same ``v``, since the 1x1
+  convolution is affine and ``w`` sums to one), which keeps the backward pass small.
+- Everything is batched tensor work on the bank's device: one matmul (flattened) or one
+  product summed over channels (per position) for all similarities of a batch, ``topk``, and
+  one matmul (flattened) or a gather of the K entries (per position) for the weighted sums.
 
 The stored maps are a persistent buffer, so they travel with every checkpoint. Their shape is
 only known once the bank is built; :meth:`NormalFeatureBank._load_from_state_dict` resizes the
@@ -29,6 +37,8 @@ empty buffer of a freshly constructed model to the checkpoint's, so loading alwa
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,6 +46,7 @@ from torch import Tensor, nn
 from kdad.errors import KDADError
 
 WEIGHTINGS = ("softmax", "uniform", "linear")
+RECALLS = ("flattened", "per_position")
 
 
 class NormalFeatureBank(nn.Module):
@@ -46,7 +57,15 @@ class NormalFeatureBank(nn.Module):
         student_channels: channels of the student (decoder) stage they are recalled into.
         top_k: ``K``, the number of most similar entries mixed into the recalled map.
         weighting: form of ``w`` over the K entries (see :data:`WEIGHTINGS`).
-        temperature: softmax temperature (``weighting="softmax"`` only).
+        temperature: softmax temperature (``weighting="softmax"`` only); with
+            ``learn_temperature`` its starting value.
+        recall: ``flattened`` (the paper's reading: one cosine per whole map, one top-K per
+            image) or ``per_position`` (one cosine along channels per position, one top-K and
+            one ``w`` per position; see the module doc).
+        learn_temperature: the softmax's inverse temperature is a trained parameter
+            (``log_scale``, one per bank) instead of a constant.
+        similarity_grad: gradients flow through ``S`` into the student and the projection
+            (``False``: ``S`` only selects and weights; see the module doc).
     """
 
     features: Tensor
@@ -58,15 +77,24 @@ class NormalFeatureBank(nn.Module):
         top_k: int = 3,
         weighting: str = "softmax",
         temperature: float = 1.0,
+        recall: str = "flattened",
+        learn_temperature: bool = False,
+        similarity_grad: bool = True,
     ) -> None:
         super().__init__()
         if weighting not in WEIGHTINGS:
             raise KDADError(
                 f"model.nfb.weighting={weighting!r}: expected one of {list(WEIGHTINGS)}"
             )
+        if recall not in RECALLS:
+            raise KDADError(f"model.nfb.recall={recall!r}: expected one of {list(RECALLS)}")
         if not temperature > 0:
             raise KDADError(f"model.nfb.temperature={temperature!r}: must be > 0")
         self.top_k, self.weighting, self.temperature = int(top_k), weighting, float(temperature)
+        self.recall, self.similarity_grad = recall, bool(similarity_grad)
+        self.log_scale: nn.Parameter | None = None
+        if learn_temperature:  # softmax(sim * exp(log_scale)), starting at 1 / temperature
+            self.log_scale = nn.Parameter(torch.tensor(-math.log(self.temperature)))
         self.proj = nn.Conv2d(teacher_channels, student_channels, 1)
         with torch.no_grad():  # identity start: the first recalls are the teacher's features
             self.proj.weight.zero_()
@@ -81,7 +109,11 @@ class NormalFeatureBank(nn.Module):
         return int(self.features.shape[0])
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, top_k={self.top_k}, weighting={self.weighting}, temperature={self.temperature}"
+        learned = ", learned" if self.log_scale is not None else ""
+        return (
+            f"size={self.size}, top_k={self.top_k}, recall={self.recall}, "
+            f"weighting={self.weighting}, temperature={self.temperature}{learned}"
+        )
 
     @torch.no_grad()
     def store(self, teacher_maps: Tensor, size: tuple[int, int]) -> None:
@@ -109,40 +141,64 @@ class NormalFeatureBank(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def similarities(self, student: Tensor) -> tuple[Tensor, Tensor]:
-        """Cosine similarities ``S`` (B, N) of each flattened student map with each projected entry,
-        and the projected bank (N, C, H, W)."""
+    def projected(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The stored maps through the trainable 1x1 convolution: (N, C, H, W)."""
         if self.size == 0:
             raise KDADError(
                 "the normal feature bank is empty: build it with before_fit(train_loader) "
                 "(kdad-train does) or load a checkpoint that holds it"
             )
-        bank = self.proj(self.features.to(student.dtype))
+        return self.proj(self.features.to(dtype))
+
+    def similarities(self, student: Tensor, bank: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Cosine similarities ``S`` of the student maps (B, C, H, W) with the projected entries,
+        and the projected bank (N, C, H, W).
+
+        ``flattened``: (B, N), whole maps as vectors (section 3); ``per_position``:
+        (B, N, H, W), the C-vectors at each position against the entries' at that position.
+        """
+        bank = self.projected(student.dtype) if bank is None else bank
         if bank.shape[1:] != student.shape[1:]:
             raise KDADError(
                 f"normal feature bank maps {tuple(bank.shape[1:])} do not match the student's "
                 f"{tuple(student.shape[1:])}: the bank was built for another input size"
             )
-        sim = F.normalize(student.flatten(1), dim=1) @ F.normalize(bank.flatten(1), dim=1).T
-        return sim, bank
+        if self.recall == "flattened":
+            sim = F.normalize(student.flatten(1), dim=1) @ F.normalize(bank.flatten(1), dim=1).T
+            return sim, bank
+        # Channels innermost (free for channels_last maps): (B, 1, P, C) * (N, P, C), sum over C.
+        b, c, h, w = student.shape
+        queries = F.normalize(student, dim=1).permute(0, 2, 3, 1).reshape(b, 1, h * w, c)
+        keys = F.normalize(bank, dim=1).permute(0, 2, 3, 1).reshape(-1, h * w, c)
+        return (queries * keys).sum(-1).view(b, -1, h, w), bank
+
+    @property
+    def scale(self) -> Tensor | float:
+        """The softmax's inverse temperature: ``exp(log_scale)`` if learned, else ``1 / temperature``."""
+        return self.log_scale.exp() if self.log_scale is not None else 1.0 / self.temperature
 
     def weights(self, top_sim: Tensor) -> Tensor:
-        """``w`` (B, K) from the K largest similarities (B, K); each row sums to one."""
+        """``w`` from the K largest similarities (B, K[, H, W]); sums to one over K (dim 1)."""
         if self.weighting == "softmax":
-            return torch.softmax(top_sim / self.temperature, dim=1)
+            return torch.softmax(top_sim * self.scale, dim=1)
         if self.weighting == "uniform":
             return torch.full_like(top_sim, 1.0 / top_sim.shape[1])
         positive = top_sim.clamp_min(0) + 1e-8
         return positive / positive.sum(dim=1, keepdim=True)
 
-    def forward(self, student: Tensor, exclude: Tensor | None = None) -> Tensor:
-        """Recall ``v`` (B, C, H, W) for the student maps (B, C, H, W).
-
-        ``exclude`` (B, N) bool marks entries a row may not recall (leave-one-out training).
-        """
-        sim, bank = self.similarities(student)
+    def select(
+        self, student: Tensor, exclude: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The top-K of ``S``: weights ``w`` and entry indices (B, K[, H, W]), and the projected
+        bank (N, C, H, W). ``exclude`` (B, N) bool marks entries a row may not recall
+        (leave-one-out training). Without ``similarity_grad``, ``S`` is computed without
+        gradient (a retrieval key): ``w`` then learns only through the learned scale."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.similarity_grad):
+            bank = self.projected(student.dtype)
+            sim, _ = self.similarities(student, bank)
         if exclude is not None:
-            sim = sim.masked_fill(exclude, float("-inf"))
+            mask = exclude if sim.dim() == 2 else exclude[:, :, None, None]
+            sim = sim.masked_fill(mask, float("-inf"))
         k = min(
             self.top_k, self.size - (int(exclude.sum(dim=1).max()) if exclude is not None else 0)
         )
@@ -151,8 +207,32 @@ class NormalFeatureBank(nn.Module):
                 "model.nfb: no bank entry left to recall after excluding the image itself"
             )
         top_sim, top_idx = sim.topk(k, dim=1)
-        mix = torch.zeros_like(sim).scatter(1, top_idx, self.weights(top_sim))
-        return (mix @ bank.flatten(1)).view_as(student)
+        return self.weights(top_sim), top_idx, bank
+
+    def mixture(self, student: Tensor, exclude: Tensor | None = None) -> Tensor:
+        """Dense mixing weights (B, N[, H, W]): ``w_k`` on the recalled entries, 0 elsewhere."""
+        weights, index, bank = self.select(student, exclude)
+        shape = (student.shape[0], bank.shape[0], *weights.shape[2:])
+        return weights.new_zeros(shape).scatter(1, index, weights)
+
+    def forward(self, student: Tensor, exclude: Tensor | None = None) -> Tensor:
+        """Recall ``v`` (B, C, H, W) for the student maps (B, C, H, W): ``v = sum_k w_k f_k``,
+        per position with ``recall="per_position"``; ``exclude``: see :meth:`select`."""
+        weights, index, bank = self.select(student, exclude)
+        # Without gradient through S the stored maps are mixed first and the B recalled maps
+        # projected: the same v (the 1x1 conv is affine and w sums to one over K), but the
+        # backward pass goes through B maps instead of the N entries.
+        source = bank if self.similarity_grad else self.features.to(student.dtype)
+        if self.recall == "flattened":
+            mix = weights.new_zeros(student.shape[0], bank.shape[0]).scatter(1, index, weights)
+            recalled = (mix @ source.flatten(1)).view(-1, *source.shape[1:])
+        else:  # gather the K entries' vectors at each position (K/N of a dense mix's work)
+            n, c, h, w = source.shape
+            entries = source.permute(0, 2, 3, 1).reshape(n, h * w, c)  # (N, P, C)
+            picked = entries[index.flatten(2), torch.arange(h * w, device=student.device)]
+            recalled = (weights.flatten(2).unsqueeze(-1) * picked).sum(1)  # (B, P, C)
+            recalled = recalled.view(-1, h, w, c).permute(0, 3, 1, 2)
+        return recalled if self.similarity_grad else self.proj(recalled)
 
 
 def select_bank_images(num_images: int, size: int, seed: int) -> list[int]:
@@ -165,4 +245,4 @@ def select_bank_images(num_images: int, size: int, seed: int) -> list[int]:
     return sorted(torch.randperm(num_images, generator=generator)[:size].tolist())
 
 
-__all__ = ["WEIGHTINGS", "NormalFeatureBank", "select_bank_images"]
+__all__ = ["RECALLS", "WEIGHTINGS", "NormalFeatureBank", "select_bank_images"]

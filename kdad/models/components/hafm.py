@@ -1,6 +1,7 @@
 """NFERD's Hybrid Attention Fusion Module (HAFM) and the fusion modes it is ablated against.
 
-Wang et al., Electronics 2024, 13(20):4125, section 3: the HAFM fuses the student's feature map
+Electronics 2024, 13(20):4125 (NFERD; title and authors not stated in the available text),
+section 3: the HAFM fuses the student's feature map
 with the normal features recalled from the bank, "ensur[ing] that key spatial details are
 preserved while maintaining information between channels": channel attention and spatial
 attention are applied *in parallel* to the same input (CBAM applies them in series), then
@@ -66,8 +67,8 @@ class HybridAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         channel_gate, spatial_gate = self.channel(x), self.spatial(x)  # both from x: parallel
-        if self.combine == "add":
-            return x * channel_gate + x * spatial_gate
+        if self.combine == "add":  # x * M_c + x * M_s, with one full-size product
+            return x * (channel_gate + spatial_gate)
         return x * channel_gate * spatial_gate
 
 
