@@ -21,46 +21,80 @@ method in four sentences, each implemented here:
 (S4) "By adding two additional convolutional layers to the teacher and student networks of HKT,
      HKT+ achieves enhanced detection capabilities at the cost of a relatively small increase in
      model parameters."
-     -> ``extra_layers=True``: one convolution on top of the teacher's highest layer and one on
-     top of the student's, which become a new highest level of each network; everything above
+     -> ``extra_layers=True``: one layer on top of the teacher's highest layer and one on top
+     of the student's, which become a new highest level of each network; everything above
      then applies unchanged (the new teacher level is the cross-layer target).
+
+What the student is for each teacher family (S3 copies the teacher's stages):
+
+- ResNets (``wide_resnet50_2``, ``resnet18``): stem + layer1..layer3, random init (torchvision's
+  scheme), a CBAM after each layer. Stage outputs are post-ReLU (non-negative), as the teacher's.
+- EfficientNet-Lite (``tf_efficientnet_lite0``; layers 1-3 = ``blocks.1``, ``blocks.2``,
+  ``blocks.4``: 24/40/112 channels at strides 4/8/16): the stem and MBConv blocks 0-4 (ReLU6,
+  depthwise-separable, no squeeze-excitation), random init (timm's), a CBAM after blocks 1, 2
+  and 4; blocks 5-6 and the head are not built. These stage outputs end in a linear projection
+  conv + BN, hence *signed* (the pretrained teacher's are about half negative): CBAM rescales
+  them by sigmoid gates (the sign survives), CBAM's pooled descriptors (mean, max) are defined
+  for signed inputs, and every projector ends in a linear 1x1 conv with bias, so each student
+  quantity compared with a teacher one can take either sign.
 
 Where the paper is silent (its public text gives no layer tables, loss, optimiser or schedule),
 kdad chooses, and every choice is a config key (conf/model/hkt.yaml):
 
 - ``alignment``: ``cross`` (S1; the default), ``same`` (S_l <-> T_l, STFPM-like) or ``both``
-  (the union). ``cross`` is the faithful reading and won kdad's equal-budget comparison on the
-  synthetic data (resnet18, random weights, 64 px, 10 epochs, 2 categories x 2 seeds) on image
-  AUROC: 85 % against 65 % (same) and 70 % (both). Same-layer pairs localise better (pixel
-  AUROC 78 % against 74 %), their maps keeping the finer levels' resolution (README, HKT).
-- ``projectors=False`` removes every projector parameter. Cross pairs cannot exist without them
-  (the levels differ in channels and resolution), so only the same-layer pairs remain whatever
-  ``alignment`` says; this is logged once and exposed as :attr:`HKT.pairing`, so a sweep over
-  ``model.projectors=true,false`` runs every job.
-- Projector structure: stride-2 conv3x3-BN-ReLU steps down to the top resolution, then a 1x1
-  conv to the top channels (see :class:`Projector`).
+  (the union). Only the pairs used are built: ``same`` has no projector at all.
+  Evidence (pretrained tf_efficientnet_lite0, experiments/hkt_ablation/README.md):
+  ``cross`` detects best (image AUROC 100.0 / 86.8 % on stripes / dots against 96.4 / 84.1
+  for ``both`` and 74.7 / 66.4 for ``same``); ``both`` localises best on dots (pixel AUROC
+  91.3 against 87.9); ``same`` alone is unstable (one dots seed collapsed at its last epoch).
+- ``projectors``: S2's projectors. Cross pairs cannot exist without them (the levels differ in
+  channels and resolution) and no parameter-free cross pairing is sound, so
+  ``projectors=False`` is only valid with ``alignment="same"`` (which builds none anyway);
+  with ``cross`` or ``both`` it is a :class:`KDADError`, never a silent change of pairing.
+- Projector structure: stride-2 conv3x3-BN-ReLU steps down to the top resolution, then a linear
+  1x1 conv to the top channels (see :class:`Projector`).
 - CBAM: the standard module (:mod:`kdad.models.components.attention`), reduction 16, 7x7
   spatial kernel, after every returned stage (``cbam=False``: no CBAM parameters at all).
+  Evidence: CBAM helps on both textures (dots: image / pixel AUROC / AUPRO 86.8 / 87.9 / 72.7
+  with it, 85.5 / 85.5 / 68.9 without).
 - Loss: the per-position ``loss`` distance (default ``1 - cos`` along channels) averaged over
   positions and images, summed over all pairs.
 - Map: the per-pixel ``distance`` of every pair, fused by the shared AnomalyMapGenerator
   (default: sum, Gaussian sigma 4, score = max), as RD4AD.
-- HKT+ layers: ``extra_kernel_size`` 1 by default. S4 promises "a relatively small increase in
-  model parameters": 1x1 layers add 5 % to HKT's trainable parameters with wide_resnet50_2,
-  3x3 layers 27 %, and 3x3 was not clearly better in kdad's runs.
-- HKT+ teacher-side layer: a trainable layer on the teacher side could make the target constant
-  (zero loss, no detection). kdad's is *frozen* at a seeded init (``extra_seed``, a private
-  generator): weights ~ N(0, 1/fan_in), no bias, no activation, i.e. a fixed random projection
-  of T_top that cannot collapse, since it never trains, and keeps every channel alive (a ReLU
-  would silence the channels whose response is negative on every image: a quarter of them with
-  a random-weight resnet18). The student-side layer is a trainable conv with bias and no
-  activation (the target is signed).
+- HKT+'s two layers (``extra_source``). A trainable teacher-side layer could make the target
+  constant (zero loss, no detection), so the teacher's is always frozen.
+
+  * ``next_conv``: the teacher's additional layer is its *next pretrained
+    convolution layer*, the first conv + BN + activation of the stage after its highest
+    layer, frozen with its ImageNet weights: ``layer4[0].conv1/bn1/act1`` for ResNets
+    (wide_resnet50_2: 1x1, 1024 -> 1024, stride 1), ``blocks.5[0].conv_pw/bn1`` for
+    EfficientNet-Lite0 (1x1 expansion, 112 -> 672, ReLU6, stride 1). The student's is a
+    randomly initialised, trainable layer of the same shape (conv + BN + the same
+    non-linearity). Teacher and student outputs are both post-activation (non-negative).
+  * ``next_block``: the whole first block of that stage (ResNet: layer4's first bottleneck;
+    Lite0: the first MBConv of blocks.5, 112 -> 192 at stride 32), frozen, pretrained; the
+    student's a random trainable copy. Deeper, but a new level at half the resolution and,
+    for ResNets, far more parameters (the projectors then target 2048 channels).
+  * ``random`` (the default, by measurement): kdad's earlier form, a frozen 1x1 conv fixed
+    at a seeded random init (``extra_seed``, N(0, 1/fan_in), no bias, no activation) on the
+    teacher and a trainable
+    linear 1x1 conv on the student: a re-parametrised copy of the existing top pair that adds
+    no capacity.
+
+  Parameter increase over HKT (trainable): wide_resnet50_2 38.8 M -> ``random`` 40.9 M
+  (+5.4 %), ``next_conv`` 40.9 M (+5.4 %), ``next_block`` 123.8 M (+219 %, 2048-channel
+  projectors); tf_efficientnet_lite0 0.82 M -> ``random`` +3.1 %, ``next_conv`` +85 % (a 6x
+  expansion: 672 channels; 452 k of it the new level's 672 -> 672 projector), ``next_block``
+  +99 %.
+  Evidence for the default: with the pretrained Lite0 teacher (synthetic stripes + dots,
+  128 px, 8 epochs, 2 seeds), ``random`` was the best HKT+ form on every metric's mean; the
+  pretrained forms lost pixel AUROC against HKT (``next_conv`` -2.7 / -5.5 points,
+  ``next_block``, whose target is at stride 32, -9 / -16). No form clearly beat HKT.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Mapping, Sequence
 
 import timm
@@ -75,9 +109,8 @@ from kdad.models.components.attention import CBAM
 from kdad.models.components.backbone import Teacher, create_feature_extractor
 from kdad.models.components.projector import Projector
 
-log = logging.getLogger("kdad")
-
 ALIGNMENTS = ("cross", "same", "both")
+EXTRA_SOURCES = ("next_conv", "next_block", "random")
 
 
 def _sequential_features(
@@ -144,7 +177,7 @@ class AttentionStudent(nn.Module):
 
 
 class FrozenRandomConv(nn.Conv2d):
-    """HKT+'s teacher-side layer: a convolution fixed at a seeded random init.
+    """HKT+'s teacher-side layer with ``extra_source="random"``: a conv fixed at a seeded init.
 
     Weights ~ N(0, 1 / (in_channels k^2)) (variance preserving, no activation), drawn from a
     private generator seeded with ``seed`` so the global RNG is untouched and every run of a
@@ -169,6 +202,93 @@ class FrozenRandomConv(nn.Conv2d):
         return super().forward(features)
 
 
+class FrozenLayer(nn.Module):
+    """A pretrained layer used as a fixed part of the teacher: no grad, always in eval mode
+    (its BatchNorm statistics are part of the target, as the teacher's own)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenLayer:
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, features: Tensor) -> Tensor:
+        return self.layer(features)
+
+
+def _next_block_path(teacher: Teacher) -> tuple[str, int]:
+    """The module path of the stage after the teacher's highest layer (its first block is
+    ``[0]``): ``layerN`` -> ``layer{N+1}`` (ResNets), ``blocks.K`` -> ``blocks.{K+1}``
+    (EfficientNet, MobileNet)."""
+    last = teacher.encoder.feature_info.module_name()[-1]
+    for prefix in ("layer", "blocks."):
+        if last.startswith(prefix) and last[len(prefix) :].isdigit():
+            return f"{prefix}{int(last[len(prefix) :]) + 1}", 0
+    raise KDADError(
+        f"model.extra_source=next_conv|next_block: the stage after {last!r} of this teacher is not "
+        "known (ResNet and EfficientNet/MobileNet teachers are); use model.extra_source=random"
+    )
+
+
+def _first_conv(block: nn.Module) -> nn.Sequential:
+    """A block's first convolution with its BatchNorm and activation (ResNet basic/bottleneck
+    blocks: conv1-bn1-act1; timm's MBConv: conv_pw-bn1, BatchNormAct2d holding the ReLU6;
+    depthwise-separable blocks: conv_dw-bn1)."""
+    for conv, norm, act in (
+        ("conv1", "bn1", "act1"),
+        ("conv_pw", "bn1", None),
+        ("conv_dw", "bn1", None),
+    ):
+        if isinstance(getattr(block, conv, None), nn.Conv2d) and hasattr(block, norm):
+            layers = [getattr(block, conv), getattr(block, norm)]
+            if act is not None:
+                layers.append(getattr(block, act))
+            return nn.Sequential(*layers)
+    raise KDADError(
+        f"model.extra_source=next_conv: no first conv found in the teacher's {type(block).__name__}; "
+        "use model.extra_source=next_block or random"
+    )
+
+
+def _next_stage_layer(
+    teacher: Teacher,
+    backbone: str,
+    form: str,
+    pretrained: bool,
+    weights_path: str | None,
+) -> nn.Module:
+    """The teacher's next-stage block (``form="next_block"``) or its first conv (``next_conv``),
+    from a network built with the teacher's weights (``pretrained``/``weights_path``) or with a
+    random init (the student's copy)."""
+    indices = tuple(teacher.encoder.feature_info.out_indices)
+    path, index = _next_block_path(teacher)
+    try:
+        network = create_feature_extractor(
+            backbone, (*indices, indices[-1] + 1), pretrained, weights_path
+        )
+        block = network.get_submodule(path)[index]
+    except (AssertionError, AttributeError, IndexError, ValueError) as exc:
+        raise KDADError(
+            f"model.extra_source={form}: {backbone} has no stage after model.layers' last one "
+            f"({type(exc).__name__}); use fewer/earlier layers or model.extra_source=random"
+        ) from None
+    return block if form == "next_block" else _first_conv(block)
+
+
+@torch.no_grad()
+def _output_shape(layer: nn.Module, channels: int, size: int = 32) -> tuple[int, int]:
+    """(channels, stride) of ``layer`` on a ``channels``-channel map, probed in eval mode."""
+    was_training = layer.training
+    layer.eval()
+    out = layer(torch.zeros(1, channels, size, size))
+    layer.train(was_training)
+    return out.shape[1], size // out.shape[-1]
+
+
 class HKT(DistillationModel):
     """Frozen teacher, CBAM student, per-level projectors onto the teacher's highest layer.
 
@@ -177,12 +297,14 @@ class HKT(DistillationModel):
         layers: teacher/student stages; the last is the "highest feature layer" (S1).
         pretrained, weights_path: teacher weights (see :class:`Teacher`).
         alignment: ``cross`` (every S_l -> P_l -> T_top), ``same`` (S_l <-> T_l) or ``both``.
-        projectors: build the projectors; ``False`` leaves only same-layer pairs (logged).
+        projectors: S2's projectors; ``False`` is valid only with ``alignment="same"``.
         cbam, cbam_reduction, cbam_kernel_size: CBAM in the student (S3).
-        extra_layers: HKT+ (S4): a frozen seeded conv on the teacher's top layer and a
-            trainable conv on the student's, forming a new highest level of each network.
-        extra_kernel_size: kernel of both extra convolutions.
-        extra_seed: seed of the teacher-side conv's fixed init.
+        extra_layers: HKT+ (S4): a frozen layer on the teacher's top layer and a trainable one
+            on the student's, forming a new highest level of each network.
+        extra_source: where HKT+'s layers come from: ``random`` (a frozen seeded linear conv;
+            the student's a linear conv; the measured default), ``next_conv`` (the teacher's
+            next pretrained conv layer) or ``next_block`` (its next pretrained block).
+        extra_kernel_size, extra_seed: kernel and seed of the ``random`` form's convolutions.
         loss: per-position distance of the training loss (``cosine``, ``normalized_l2``, ``l2``).
         distance, anomaly_map: see :class:`DistillationModel`.
     """
@@ -199,6 +321,7 @@ class HKT(DistillationModel):
         cbam_reduction: int = 16,
         cbam_kernel_size: int = 7,
         extra_layers: bool = False,
+        extra_source: str = "random",
         extra_kernel_size: int = 1,
         extra_seed: int = 0,
         loss: str = "cosine",
@@ -208,6 +331,15 @@ class HKT(DistillationModel):
         super().__init__(distance, anomaly_map)
         if alignment not in ALIGNMENTS:
             raise KDADError(f"model.alignment={alignment!r}: expected one of {list(ALIGNMENTS)}")
+        if not projectors and alignment != "same":
+            raise KDADError(
+                f"model.projectors=false with model.alignment={alignment}: cross-layer pairs need "
+                "projectors; use model.alignment=same (which builds none) or model.projectors=true"
+            )
+        if extra_source not in EXTRA_SOURCES:
+            raise KDADError(
+                f"model.extra_source={extra_source!r}: expected one of {list(EXTRA_SOURCES)}"
+            )
         if loss not in DISTANCES:
             raise KDADError(f"model.loss={loss!r}: expected one of {sorted(DISTANCES)}")
         self.teacher = Teacher(backbone, layers, pretrained, weights_path)
@@ -222,31 +354,39 @@ class HKT(DistillationModel):
         )
 
         channels, top = list(self.teacher.channels), self.teacher.channels[-1]
-        self.teacher_extra: FrozenRandomConv | None = None
-        self.student_extra: nn.Conv2d | None = None
+        self.extra_source = extra_source if extra_layers else None
+        self.teacher_extra: nn.Module | None = None
+        self.student_extra: nn.Module | None = None
         if extra_layers:
-            self.teacher_extra = FrozenRandomConv(top, extra_kernel_size, extra_seed)
-            self.student_extra = nn.Conv2d(
-                top, top, extra_kernel_size, padding=extra_kernel_size // 2, bias=True
-            )
+            if extra_source == "random":
+                self.teacher_extra = FrozenRandomConv(top, extra_kernel_size, extra_seed)
+                self.student_extra = nn.Conv2d(
+                    top, top, extra_kernel_size, padding=extra_kernel_size // 2, bias=True
+                )
+                stride = 1
+            else:
+                self.teacher_extra = FrozenLayer(
+                    _next_stage_layer(
+                        self.teacher, backbone, extra_source, pretrained, weights_path
+                    )
+                )
+                self.student_extra = _next_stage_layer(
+                    self.teacher, backbone, extra_source, False, None
+                )
+                top, stride = _output_shape(self.student_extra, top)
             channels.append(top)
-            reductions = [*reductions, reductions[-1]]
+            reductions = [*reductions, reductions[-1] * stride]
 
+        self.pairing = alignment
+        # Only the pairs used are built: ``same`` has no projector (no dead parameters).
         self.projectors = (
             nn.ModuleList(
                 Projector(c, top, reductions[-1] // r)
                 for c, r in zip(channels, reductions, strict=True)
             )
-            if projectors
+            if alignment in ("cross", "both")
             else None
         )
-        self.pairing = alignment if projectors else "same"
-        if self.pairing != alignment:
-            log.warning(
-                "hkt: model.projectors=false leaves no cross-layer pairs (they need projectors); "
-                "model.alignment=%s runs as 'same' (student level l <-> teacher level l)",
-                alignment,
-            )
         self.loss_distance = loss
         level_names = [str(layer) for layer in layers] + (["extra"] if extra_layers else [])
         top_name = level_names[-1]
@@ -295,4 +435,11 @@ class HKT(DistillationModel):
         return total
 
 
-__all__ = ["ALIGNMENTS", "HKT", "AttentionStudent", "FrozenRandomConv"]
+__all__ = [
+    "ALIGNMENTS",
+    "EXTRA_SOURCES",
+    "HKT",
+    "AttentionStudent",
+    "FrozenLayer",
+    "FrozenRandomConv",
+]

@@ -24,9 +24,11 @@ class Projector(nn.Sequential):
     ``conv3x3(stride 2) - BatchNorm - ReLU``, each doubling the width (capped at
     ``out_channels``) as a ResNet stage does, then a ``1x1`` convolution with bias to exactly
     ``out_channels``. The final layer is linear so it can match the teacher's features whatever
-    their sign. A level already at the target resolution gets the ``1x1`` convolution only.
+    their sign (EfficientNet stage outputs end in a linear conv + BN: about half of their values
+    are negative). A level already at the target resolution gets the ``1x1`` convolution only.
     For ResNets the widths follow the backbone's own pyramid (resnet18 layer1: 64 -> 128 -> 256
-    -> 1x1 256).
+    -> 1x1 256); for tf_efficientnet_lite0 (24/40/112 channels at strides 4/8/16) layer1 gives
+    24 -> 48 -> 96 -> 1x1 112, layer2 40 -> 80 -> 1x1 112, layer3 a 1x1 112 -> 112.
 
     Args:
         in_channels: channels of the student level.
