@@ -14,7 +14,7 @@ from PIL import Image
 from kdad.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from kdad.errors import KDADError
 from kdad.models.components import packaged_weights
-from kdad.models.components.backbone import Teacher, create_feature_extractor
+from kdad.models.components.backbone import Teacher
 
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 MILITARY_UNIFORM = 652  # ImageNet-1k class index
@@ -86,12 +86,14 @@ def test_resnet_teacher_input_is_unchanged() -> None:
     assert torch.equal(teacher.normalize(x), x)
 
 
-def test_random_networks_start_with_residual_branches_on() -> None:
-    """torchvision's init (official RD4AD/STFPM), not timm's zero_init_last."""
-    student = create_feature_extractor("resnet18", [1, 2, 3], pretrained=False)
-    for stage in (student.layer1, student.layer2, student.layer3):
-        for block in stage:
-            assert torch.equal(block.bn2.weight, torch.ones_like(block.bn2.weight))
+def test_teacher_rebuilt_without_download_sees_the_same_inputs() -> None:
+    """A checkpoint is rebuilt with pretrained=false: its teacher must normalise as in training."""
+    trained = Teacher("tf_efficientnet_lite0", [1, 2, 3], pretrained=True)
+    rebuilt = Teacher("tf_efficientnet_lite0", [1, 2, 3], pretrained=False)
+    rebuilt.load_state_dict(trained.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    for a, b in zip(trained(x), rebuilt(x), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_mismatched_weights_file_is_one_clear_error(monkeypatch, tmp_path: Path) -> None:

@@ -168,8 +168,9 @@ class InputRenormalization(nn.Module):
 class Teacher(nn.Module):
     """Frozen feature extractor: no parameter requires grad, always in eval mode.
 
-    Pretrained weights (``pretrained`` or ``weights_path``) see their images normalised as they
-    were trained (:class:`InputRenormalization`); a random teacher sees kdad's inputs as they are.
+    Its inputs are normalised as the backbone's weights were trained
+    (:class:`InputRenormalization`, from the name: the identity for ImageNet statistics), the
+    same whether the weights come from a package, the hub, a file or a checkpoint.
     """
 
     def __init__(
@@ -183,9 +184,9 @@ class Teacher(nn.Module):
         self.encoder = create_feature_extractor(backbone, layers, pretrained, weights_path)
         self.encoder.requires_grad_(False)
         self.encoder.eval()
-        self.normalize = (
-            InputRenormalization(backbone) if pretrained or weights_path else nn.Identity()
-        )
+        # From the backbone's name, whatever the weights' source: a checkpoint is rebuilt with
+        # pretrained=false (its weights replace the download) and must see the same inputs.
+        self.normalize = InputRenormalization(backbone)
 
     @property
     def channels(self) -> list[int]:

@@ -33,8 +33,13 @@ PACKAGED: dict[str, tuple[str, str, str]] = {
 }
 
 # efficientnet_pytorch names -> timm names, outside the blocks.
-_OUTER = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2"}
-_OUTER_FC = {"_fc": "classifier"}
+_OUTER = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
 # Inside a block, by block type (timm's DepthwiseSeparableConv / InvertedResidual).
 _DEPTHWISE_SEPARABLE = {
     "_depthwise_conv": "conv_dw",
@@ -108,7 +113,7 @@ def rename(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
             renamed[f"{blocks[index]}.{table[module]}.{leaf}"] = tensor
             continue
         module, _, leaf = key.partition(".")
-        target = _OUTER.get(module) or _OUTER_FC.get(module)
+        target = _OUTER.get(module)
         if target is None:
             raise KDADError(f"packaged weights: no timm counterpart for tensor {key!r}")
         renamed[f"{target}.{leaf}"] = tensor
