@@ -149,15 +149,20 @@ class InputRenormalization(nn.Module):
     def __init__(self, backbone: str) -> None:
         super().__init__()
         cfg = timm.models.get_pretrained_cfg(backbone)
-        mean = torch.tensor(getattr(cfg, "mean", None) or IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(getattr(cfg, "std", None) or IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
-        imagenet_mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-        imagenet_std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
-        self.identity = bool(
-            torch.allclose(mean, imagenet_mean) and torch.allclose(std, imagenet_std)
+        mean = tuple(getattr(cfg, "mean", None) or IMAGENET_DEFAULT_MEAN)
+        std = tuple(getattr(cfg, "std", None) or IMAGENET_DEFAULT_STD)
+        # Plain floats: the check must also work while a model is built on the meta device.
+        self.identity = all(
+            abs(a - b) < 1e-6
+            for a, b in zip(mean + std, IMAGENET_DEFAULT_MEAN + IMAGENET_DEFAULT_STD, strict=True)
         )
-        self.register_buffer("scale", imagenet_std / std, persistent=False)
-        self.register_buffer("shift", (imagenet_mean - mean) / std, persistent=False)
+        scale = [s_in / s_w for s_in, s_w in zip(IMAGENET_DEFAULT_STD, std, strict=True)]
+        shift = [
+            (m_in - m_w) / s_w
+            for m_in, m_w, s_w in zip(IMAGENET_DEFAULT_MEAN, mean, std, strict=True)
+        ]
+        self.register_buffer("scale", torch.tensor(scale).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", torch.tensor(shift).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: Tensor) -> Tensor:
         if self.identity:
