@@ -86,11 +86,8 @@ def _truncated(encoder: nn.Module) -> nn.Module:
     networks keep and run all of them): same outputs, less compute."""
     stage_out = getattr(encoder, "_stage_out_idx", None)
     blocks = getattr(encoder, "blocks", None)
-    if (
-        stage_out
-        and isinstance(blocks, nn.Sequential)
-        and getattr(encoder, "feature_hooks", 1) is None
-    ):
+    runs_blocks_in_order = getattr(encoder, "feature_hooks", "absent") is None  # not hook-based
+    if stage_out and isinstance(blocks, nn.Sequential) and runs_blocks_in_order:
         encoder.blocks = blocks[: max(stage_out)]
     return encoder
 
