@@ -41,9 +41,14 @@ want=${1:-all}
 run() { [[ $want == all || $want == "$1" ]]; }
 # The five variants, each with its defaults (conf/model/*.yaml).
 run variants && study variants model=stfpm,rd,hkt,hkt_plus,nferd
-# One switch at a time against each method's default.
-run hkt_switches && BY="model.alignment model.cbam" study hkt_switches model=hkt model.alignment=same,both model.cbam=true \
-  && BY="model.alignment model.cbam" study hkt_cbam model=hkt model.cbam=false
-run hkt_plus_switches && BY="model.extra_source" study hkt_plus_switches model=hkt_plus model.extra_source=random
-run nferd_switches && BY="model.nfb.enabled model.fusion" study nferd_bank model=nferd 'model.nfb.enabled=false' model.fusion=hafm,add
-run nferd_switches && BY="model.nfb.recall model.loss" study nferd_recall model=nferd model.nfb.recall=paper model.loss=per_position,flattened
+# One switch at a time against each method's default (each sweep changes one key).
+run hkt_switches && BY="model.alignment" study hkt_alignment model=hkt model.alignment=same,both
+run hkt_switches && BY="model.cbam" study hkt_cbam model=hkt model.cbam=false
+run hkt_plus_switches && BY="model.extra_source" study hkt_plus_source model=hkt_plus model.extra_source=next_conv,next_block
+# NFERD: the bank without HAFM (fusion add / cbam), HAFM without the bank, the paper's
+# whole-map recall (with its plain softmax), and RD4AD's flattened loss.
+run nferd_switches && BY="model.fusion" study nferd_fusion model=nferd model.fusion=add,cbam
+run nferd_switches && BY="model.nfb.enabled" study nferd_no_bank model=nferd model.nfb.enabled=false
+run nferd_switches && BY="model.nfb.recall" study nferd_paper_recall model=nferd model.nfb.recall=flattened \
+  model.nfb.temperature=1.0 model.nfb.learn_temperature=false model.nfb.similarity_grad=true
+run nferd_switches && BY="model.loss" study nferd_loss model=nferd model.loss=flattened
