@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from kdad import cli
 from kdad import train as kdad_train
+from kdad.config import CONFIG_DIR
 
 BASE = [
     *[arg for arg in TINY if not arg.startswith("trainer.max_epochs")],
@@ -28,7 +28,7 @@ def train(args: list[str], run_dir: Path) -> None:
     In-process rather than as a subprocess: five runs would otherwise spend most of their time
     importing Lightning (test_cli runs the real command line).
     """
-    with initialize_config_dir(config_dir=cli.CONFIG_DIR, version_base="1.3", job_name="train"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3", job_name="train"):
         cfg = compose("train", overrides=[*BASE, *args], return_hydra_config=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):

@@ -21,8 +21,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from kdad.cli import CONFIG_DIR
-from kdad.lightning_module import build_net
+from kdad.config import CONFIG_DIR
+from kdad.lightning.module import build_net
 
 
 def fill_bank(net: torch.nn.Module, size: int, device: torch.device) -> None:

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
+from kdad.lightning.teacher_cache import TeacherFeatureCache
 from kdad.models.hkt import HKT
 from kdad.models.nferd import NFERD
 from kdad.models.rd4ad import ReverseDistillation
-from kdad.teacher_cache import TeacherFeatureCache
 
 
 def fill_bank(net: torch.nn.Module, size: int, device: torch.device) -> None:

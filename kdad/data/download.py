@@ -39,11 +39,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from kdad import cli
+from kdad.config import CONFIG_DIR
 from kdad.errors import KDADError
 
 log = logging.getLogger("kdad")
-cli.register_resolvers()
 
 MARKER = ".kdad-download.json"
 CHUNK = 1 << 20
@@ -52,7 +51,7 @@ _IGNORED_TOP_LEVEL = ("__MACOSX",)
 
 def registry() -> dict[str, Any]:
     """``datasets`` of conf/download.yaml: the official archives per data layout."""
-    path = Path(cli.CONFIG_DIR) / "download.yaml"
+    path = Path(CONFIG_DIR) / "download.yaml"
     return OmegaConf.to_container(OmegaConf.load(path).datasets, resolve=True)
 
 
@@ -353,17 +352,3 @@ def download(cfg: DictConfig) -> None:
         timeout=float(cfg.get("timeout", 60)),
         progress=bool(cfg.get("progress", True)),
     )
-
-
-@hydra.main(version_base="1.3", config_path=cli.CONFIG_DIR, config_name="download")
-def _hydra_main(cfg: DictConfig) -> None:
-    return cli.guarded(download)(cfg)
-
-
-def main() -> None:
-    _hydra_main()
-    cli.exit_if_failed()
-
-
-if __name__ == "__main__":
-    main()

@@ -15,9 +15,10 @@ the plots as one W&B summary run in the sweep's group.
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import math
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -27,8 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
-from kdad.results import METRIC_KEYS, write_csv_atomic, write_text_atomic
+from kdad.config import flatten
+from kdad.engine.wandb import offline_unless_configured
+from kdad.errors import KDADError, one_line
+from kdad.io.atomic import write_csv_atomic, write_text_atomic
+from kdad.io.results import METRIC_KEYS
+
+log = logging.getLogger("kdad")
 
 EXTRA_KEYS = (
     "train_images_per_second",
@@ -69,29 +78,28 @@ class Run:
         return str(self.metrics.get("model", "?"))
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        flat: dict[str, Any] = {}
-        for k, v in value.items():
-            flat.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return flat
-    return {prefix: json.dumps(value) if isinstance(value, list) else value}
-
-
 def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
     """Finished runs (with metrics.json) and missing ones (folder, reason)."""
     runs: list[Run] = []
+    missing: list[tuple[Path, str]] = []
     for path in sorted(root.rglob("metrics.json")):
+        problem = None
         try:
             metrics = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            print(f"kdad-aggregate: skipping unreadable {path}: {exc}", file=sys.stderr)
+            if not isinstance(metrics, dict) or not isinstance(metrics.get("model"), str):
+                problem = "metrics.json is not a kdad metrics object (no model name)"
+            config_path = path.parent / "config.yaml"
+            config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+            if not isinstance(config or {}, dict):
+                problem = "config.yaml is not a mapping"
+        except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+            problem = f"unreadable metrics.json or config.yaml ({type(exc).__name__}: {one_line(exc)[:120]})"
+        if problem is not None:
+            print(f"kdad-aggregate: warning: skipping {path.parent}: {problem}", file=sys.stderr)
+            missing.append((path.parent, problem))
             continue
-        config_path = path.parent / "config.yaml"
-        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
-        runs.append(Run(path.parent, metrics, _flatten(config or {})))
-    done = {run.folder for run in runs}
-    missing: list[tuple[Path, str]] = []
+        runs.append(Run(path.parent, metrics, flatten(config or {})))
+    done = {run.folder for run in runs} | {folder for folder, _ in missing}
     job_folders = {p.parent for p in root.rglob(".hydra")} | {
         p.parent for p in root.rglob("FAILED")
     }
@@ -225,7 +233,7 @@ def write_plots(root: Path, runs: Sequence[Run], rows: Sequence[dict[str, Any]])
     """Per-category bars and, per data x category, a heatmap grid across variants (first seed)."""
     import numpy as np
 
-    from kdad.plots import category_bars, heatmap_grid
+    from kdad.viz.plots import category_bars, heatmap_grid
 
     written = [category_bars(rows, root / "aggregate_bars.png")]
     labels = variant_labels(runs)
@@ -249,6 +257,7 @@ def log_to_wandb(
     plots: Sequence[Path],
     project: str,
     entity: str | None,
+    group: str,
 ) -> str:
     """One W&B run (job_type ``aggregate``) in the sweep's group with the table and plots."""
     import wandb
@@ -263,9 +272,9 @@ def log_to_wandb(
     run = wandb.init(
         project=project,
         entity=entity,
-        group=root.name,
+        group=group,
         job_type="aggregate",
-        name=f"aggregate-{root.name}",
+        name=f"summary {root.name}",
         dir=str(root),
         config={"sweep_dir": str(root)},
         reinit=True,
@@ -287,45 +296,65 @@ def log_to_wandb(
     return run.id
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kdad-aggregate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dir", type=Path, help="a folder with runs (e.g. a multirun folder)")
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument(
-        "--wandb", action="store_true", help="log the table and plots as a W&B summary run"
-    )
-    parser.add_argument("--project", default="kdad", help="W&B project (default: kdad)")
-    parser.add_argument("--entity", default=None, help="W&B entity (team or user)")
-    args = parser.parse_args(argv)
-    root: Path = args.dir
+def summarize(
+    root: Path,
+    plots: bool = True,
+    wandb: bool = False,
+    project: str = "kdad",
+    entity: str | None = None,
+    group: str | None = None,
+) -> str:
+    """Tables (and plots, and with ``wandb`` a W&B summary run) for every run under ``root``;
+    returns what to print. A folder without any finished run is a one-line error."""
     if not root.is_dir():
-        print(f"kdad-aggregate: error: {root} is not a folder", file=sys.stderr)
-        return 2
+        raise KDADError(f"kdad-aggregate: {root} is not a folder")
     runs, missing = find_runs(root)
     if not runs:
-        print(f"kdad-aggregate: error: no metrics.json under {root}", file=sys.stderr)
-        for folder, reason in missing:
-            print(f"  missing: {folder}: {reason}", file=sys.stderr)
-        return 2
-    rows = aggregate(runs)
-    markdown = write_tables(root, rows, missing)
-    print(markdown, end="")
-    print(f"\nwrote {root / 'aggregate.csv'} and {root / 'aggregate.md'}")
-    plots = [] if args.no_plots else write_plots(root, runs, rows)
-    for plot in plots:
-        print(f"wrote {plot}")
-    if args.wandb:
-        import os
-
-        from kdad.cli import wandb_offline_unless_configured
-
-        wandb_offline_unless_configured(root)
-        run_id = log_to_wandb(root, rows, plots, args.project, args.entity)
-        print(
-            f"logged W&B summary run {run_id} (group {root.name}, mode {os.environ.get('WANDB_MODE', 'online')})"
+        reasons = "; ".join(f"{folder}: {reason}" for folder, reason in missing[:5])
+        raise KDADError(
+            f"no metrics.json under {root}" + (f" (missing: {reasons})" if reasons else "")
         )
-    return 0
+    rows = aggregate(runs)
+    lines = [
+        write_tables(root, rows, missing),
+        f"\nwrote {root / 'aggregate.csv'} and {root / 'aggregate.md'}",
+    ]
+    written = write_plots(root, runs, rows) if plots else []
+    lines += [f"wrote {plot}" for plot in written]
+    if wandb:
+        offline_unless_configured(root)
+        group = group or _sweep_group(runs) or root.name
+        run_id = log_to_wandb(root, rows, written, project, entity, group)
+        lines.append(
+            f"logged W&B summary run {run_id} (group {group}, mode {os.environ.get('WANDB_MODE', 'online')})"
+        )
+    return "\n".join(line.rstrip("\n") for line in lines) + "\n"
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _sweep_group(runs: Sequence[Run]) -> str | None:
+    """The W&B group the runs were logged in (their logger.wandb.group), if they share one."""
+    groups = {run.config.get("logger.wandb.group") for run in runs} - {None}
+    return str(groups.pop()) if len(groups) == 1 else None
+
+
+class SweepSummary(Callback):
+    """Hydra callback: at the end of a multirun, aggregate its runs (``kdad-aggregate``) and,
+    when the sweep logs to W&B, add the summary run to the sweep's group. Failures here are
+    warnings: they never change the sweep's outcome."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        root = Path(str(config.hydra.sweep.dir))
+        logger_cfg = config.get("logger") or {}
+        wandb_cfg = logger_cfg.get("wandb") if "wandb" in logger_cfg else None
+        try:
+            text = summarize(
+                root,
+                plots=True,
+                wandb=wandb_cfg is not None,
+                project=str(wandb_cfg.get("project", "kdad")) if wandb_cfg is not None else "kdad",
+                entity=wandb_cfg.get("entity") if wandb_cfg is not None else None,
+            )
+        except Exception as exc:
+            log.warning("sweep summary of %s skipped: %s", root, one_line(exc))
+            return
+        log.info("sweep summary (kdad-aggregate %s):\n%s", root, text)

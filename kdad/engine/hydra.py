@@ -1,4 +1,4 @@
-"""What the Hydra entry points share: config location, resolvers, user-error handling, wiring.
+"""What every Hydra entry point shares: resolvers, user-error handling, sweep report, DDP wiring.
 
 User errors (:class:`kdad.errors.KDADError`) never show a traceback: the job prints one line
 ``kdad: error: ...`` to stderr, leaves a ``FAILED`` file with that line in its run folder (so a
@@ -11,10 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sys
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,37 +21,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from kdad.engine import wandb as kdad_wandb
 from kdad.errors import KDADError, one_line
-from kdad.results import write_text_atomic
+from kdad.io.atomic import write_text_atomic
 
 log = logging.getLogger("kdad")
 
-# The config tree: conf/ beside the package in a source checkout (editable install).
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 FAILED: list[str] = []
-
-
-def _run_group() -> str:
-    """A W&B group shared by all jobs of one multirun: the sweep folder's name."""
-    try:
-        hydra_cfg = HydraConfig.get()
-    except ValueError:
-        return "interactive"
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        return Path(hydra_cfg.sweep.dir).name
-    return Path(hydra_cfg.run.dir).name
-
-
-def _tags(*values: Any) -> list[str]:
-    tags: list[str] = []
-    for value in values:
-        items = value if isinstance(value, list | tuple | ListConfig) else [value]
-        for item in items:
-            if item not in (None, "") and str(item) not in tags:
-                tags.append(str(item))
-    return tags
 
 
 def _gpu_slot(num_gpus: int = 1) -> int:
@@ -88,13 +65,20 @@ def prepare_ddp_relaunch() -> None:
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
 
 
+RESOLVERS = {
+    "kdad_gpu_slot": _gpu_slot,
+    "kdad_run_name": kdad_wandb.run_name,
+    "kdad_run_group": kdad_wandb.run_group,
+    "kdad_sweep": kdad_wandb.sweep_id,
+    "kdad_tags": kdad_wandb.tags,
+    "kdad_wandb_id": kdad_wandb.run_id,
+}
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("kdad_gpu_slot"):
-        OmegaConf.register_new_resolver("kdad_gpu_slot", _gpu_slot)
-    if not OmegaConf.has_resolver("kdad_run_group"):
-        OmegaConf.register_new_resolver("kdad_run_group", _run_group)
-    if not OmegaConf.has_resolver("kdad_tags"):
-        OmegaConf.register_new_resolver("kdad_tags", _tags)
+    for name, function in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)
 
 
 def output_dir() -> Path:
@@ -119,7 +103,7 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
                 log.error("job crashed:\n%s", traceback.format_exc())
                 message = f"crashed: {type(exc).__name__}: {one_line(exc)[:300]} (traceback in the job's log)"
         finally:
-            _finish_wandb()
+            kdad_wandb.finish()
         print(f"kdad: error: {message}", file=sys.stderr, flush=True)
         with contextlib.suppress(OSError):
             write_text_atomic(output_dir() / "FAILED", message + "\n")
@@ -187,17 +171,11 @@ class SweepReport(Callback):
                 FAILED.append(item["reason"])
 
 
-def _finish_wandb() -> None:
-    """Close this job's W&B run so the next job of a multirun starts its own (and never hangs)."""
-    if "wandb" in sys.modules:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
-
-
-def instantiate_group(group: DictConfig | None, what: str) -> list[Any]:
-    """Instantiate every entry of a callbacks/logger group that names a ``_target_``."""
+def instantiate_group(
+    group: DictConfig | None, what: str, overrides: dict[str, dict[str, Any]] | None = None
+) -> list[Any]:
+    """Instantiate every entry of a callbacks/logger group that names a ``_target_``
+    (``overrides``: keyword arguments per entry name, e.g. ``{"wandb": {"log_model": False}}``)."""
     objects: list[Any] = []
     if not group:
         return objects
@@ -205,57 +183,7 @@ def instantiate_group(group: DictConfig | None, what: str) -> list[Any]:
         raise KDADError(f"{what} must be a mapping of name -> config, got {type(group).__name__}")
     for name, conf in group.items():
         if isinstance(conf, DictConfig) and "_target_" in conf:
-            objects.append(instantiate(conf))
+            objects.append(instantiate(conf, **((overrides or {}).get(str(name), {}))))
         elif isinstance(conf, DictConfig):
             log.debug("%s.%s has no _target_; skipped", what, name)
     return objects
-
-
-def wandb_offline_unless_configured(folder: Path) -> None:
-    """Run W&B offline when no account is configured, instead of prompting or failing."""
-    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
-        return
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
-        return
-    os.environ["WANDB_MODE"] = "offline"
-    log.warning(
-        "W&B: no account configured; logging offline. Upload later with: wandb sync %s/wandb/offline-run-*",
-        folder,
-    )
-
-
-def prepare_wandb(cfg: DictConfig) -> None:
-    if cfg.get("logger") and "wandb" in cfg.logger:
-        wandb_offline_unless_configured(output_dir())
-
-
-def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested config -> {"model.backbone": ..., "data.category": ...} for loggers' columns."""
-    container = (
-        OmegaConf.to_container(cfg, resolve=True)
-        if isinstance(cfg, DictConfig | ListConfig)
-        else cfg
-    )
-    flat: dict[str, Any] = {}
-
-    def walk(value: Any, key: str) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, f"{key}.{k}" if key else str(k))
-        elif isinstance(value, list | tuple) and not all(
-            isinstance(v, str | int | float | bool) for v in value
-        ):
-            for i, v in enumerate(value):
-                walk(v, f"{key}.{i}")
-        else:
-            flat[key] = list(value) if isinstance(value, tuple) else value
-
-    walk(container, prefix)
-    return flat
-
-
-def check_keys(cfg: DictConfig, required: Iterable[str]) -> None:
-    for key in required:
-        if OmegaConf.select(cfg, key, throw_on_missing=False) is None:
-            raise KDADError(f"missing config key {key}")

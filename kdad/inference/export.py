@@ -31,22 +31,20 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from kdad import cli
-from kdad.checkpoint import load_module
 from kdad.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from kdad.engine.hydra import output_dir
 from kdad.errors import KDADError
-from kdad.lightning_module import DistillationModule
+from kdad.io.atomic import write_json_atomic
+from kdad.lightning.loading import load_module
+from kdad.lightning.module import DistillationModule
 from kdad.models.base import DistillationModel
-from kdad.results import write_json_atomic
 
 log = logging.getLogger("kdad")
-cli.register_resolvers()
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 INPUT_NAME, OUTPUT_NAMES = "image", ("anomaly_map", "score")
@@ -280,7 +278,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     output = (
         Path(str(cfg.output)).expanduser()
         if cfg.get("output")
-        else cli.output_dir() / f"model{FORMATS[fmt]}"
+        else output_dir() / f"model{FORMATS[fmt]}"
     )
     meta = export_module(
         module,
@@ -296,17 +294,3 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     )
     log.info("wrote %s (and %s.json)", output, output.name)
     return meta
-
-
-@hydra.main(version_base="1.3", config_path=cli.CONFIG_DIR, config_name="export")
-def _hydra_main(cfg: DictConfig) -> Any:
-    return cli.guarded(export)(cfg)
-
-
-def main() -> None:
-    _hydra_main()
-    cli.exit_if_failed()
-
-
-if __name__ == "__main__":
-    main()

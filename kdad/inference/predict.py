@@ -39,27 +39,24 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from PIL import Image, ImageDraw
-from scipy import ndimage
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from kdad import cli
-from kdad import thresholds as kdad_thresholds
-from kdad.callbacks import colorize
-from kdad.checkpoint import load_module
 from kdad.data.layouts import IMAGE_EXTENSIONS
 from kdad.data.transforms import Preprocess, load_image
+from kdad.engine.hydra import output_dir
 from kdad.errors import KDADError, one_line
-from kdad.results import write_csv_atomic, write_text_atomic
+from kdad.io.atomic import write_csv_atomic, write_png_atomic, write_text_atomic
+from kdad.lightning.loading import load_module
+from kdad.metrics import thresholds as kdad_thresholds
+from kdad.viz.overlay import render_overlay
 
 log = logging.getLogger("kdad")
-cli.register_resolvers()
 
 HEADER = (
     "path",
@@ -81,7 +78,6 @@ _RESERVED = {
     *(f"LPT{i}" for i in range(10)),
 }
 MAX_NAME = 120
-CAPTION_HEIGHT = 18
 
 
 # --- inputs and output names --------------------------------------------------------------
@@ -247,58 +243,6 @@ def map_to_display(
     return canvas
 
 
-def contour(mask: np.ndarray, width: int = 1) -> np.ndarray:
-    """The boundary pixels of a boolean mask (image borders close it), ``width`` pixels thick."""
-    edge = mask & ~ndimage.binary_erosion(mask, border_value=0)
-    if width > 1:
-        edge = ndimage.binary_dilation(edge, iterations=width - 1) & mask
-    return edge
-
-
-def render_overlay(
-    display: np.ndarray,
-    heat: np.ndarray,
-    pixel_level: dict[str, Any] | None,
-    caption: str,
-    caption_color: tuple[int, int, int],
-) -> np.ndarray:
-    """image | heatmap over the image (+ mask contour) | image with the mask contour, captioned.
-
-    With a pixel threshold the colours are on the normalised scale [0, 2] (blue: the median
-    normal pixel, the middle of the scale: the threshold), the same for every image; without
-    one each map is stretched to its own range and no mask is drawn.
-    """
-    finite = np.isfinite(heat)
-    if pixel_level:
-        coloured = colorize(np.nan_to_num(kdad_thresholds.normalize(heat, pixel_level)), 0.0, 2.0)
-        mask = np.where(finite, heat, -np.inf) > pixel_level["threshold"]
-    else:
-        values = heat[finite]
-        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
-        coloured = colorize(np.nan_to_num(heat, nan=low), low, high)
-        mask = np.zeros(heat.shape, dtype=bool)
-    blend = np.where(finite[..., None], 0.5 * display + 0.5 * coloured, display).astype(np.uint8)
-    outlined = display.copy()
-    edge = contour(mask, width=max(1, max(display.shape[:2]) // 256))
-    blend[edge] = (255, 255, 255)
-    outlined[edge] = (255, 0, 0)
-    panels = np.concatenate([display, blend, outlined], axis=1)
-    bar = Image.new("RGB", (panels.shape[1], CAPTION_HEIGHT), (24, 24, 24))
-    ImageDraw.Draw(bar).text((4, 3), caption, fill=caption_color)
-    return np.concatenate([panels, np.asarray(bar)], axis=0)
-
-
-def _save_png(array: np.ndarray, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp.png")
-    try:
-        # Fast compression: encoding at the default level costs more than the model itself.
-        Image.fromarray(array).save(tmp, compress_level=1)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 class OverlayWriter:
     """Renders and saves overlays on background threads, so that writing them overlaps with
     the model (PNG encoding releases the GIL). At most ``max_pending`` wait in memory; the
@@ -318,7 +262,7 @@ class OverlayWriter:
         while len(self.pending) >= self.max_pending:
             self.pending.popleft().result()
         self.pending.append(
-            self.pool.submit(lambda: _save_png(render_overlay(*render_args), target))
+            self.pool.submit(lambda: write_png_atomic(target, render_overlay(*render_args)))
         )
         return f"{self.folder.name}/{target.name}"
 
@@ -378,7 +322,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         raise KDADError("kdad-predict needs input=PATH (an image, a folder or a glob pattern)")
     batch_size, num_workers = _positive(cfg, "batch_size"), _positive(cfg, "num_workers")
     overlay_size = _positive(cfg, "overlay_size") if cfg.get("overlays", True) else None
-    out = cli.output_dir()
+    out = output_dir()
     write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     device = resolve_device(cfg.get("device", "auto"))
     inputs = find_inputs(cfg.input, bool(cfg.get("recursive", True)))  # before the model loads
@@ -513,17 +457,3 @@ def _row(
         overlay,
         "",
     ]
-
-
-@hydra.main(version_base="1.3", config_path=cli.CONFIG_DIR, config_name="predict")
-def _hydra_main(cfg: DictConfig) -> Any:
-    return cli.guarded(predict)(cfg)
-
-
-def main() -> None:
-    _hydra_main()
-    cli.exit_if_failed()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,20 +1,8 @@
-"""Files a run leaves behind, written atomically: metrics.json, scores.csv, resolved config.
-
-A reader (``kdad-aggregate``, a dashboard, a person) never sees a half-written file: each is
-written to a temporary file in the same folder and moved into place with ``os.replace``.
-"""
+"""The metrics.json contract: its keys, in order, and the object a run writes."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
-import os
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 # The contract of DESIGN.md: exactly these keys, metrics as fractions in [0, 1]; after the
@@ -40,61 +28,6 @@ RESULT_KEYS = (
     "params_trainable",
     "params_total",
 )
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path``, moved onto it when the block ends without error.
-
-    Readers see the old file or the new one, never a part; on error the temporary file is
-    removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8", newline="")
-    return Path(path)
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN; a missing value reads as null.
-    return value
-
-
-def write_json_atomic(path: str | Path, data: Mapping[str, Any]) -> Path:
-    return write_text_atomic(
-        path, json.dumps({k: _json_safe(v) for k, v in data.items()}, indent=2) + "\n"
-    )
-
-
-def write_csv_atomic(
-    path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]
-) -> Path:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    writer.writerows(rows)
-    return write_text_atomic(path, buffer.getvalue())
 
 
 def build_results(

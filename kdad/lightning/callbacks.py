@@ -7,6 +7,7 @@ and, where a W&B logger is attached, to Weights & Biases.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,12 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from PIL import Image
 
-from kdad.results import write_csv_atomic
+from kdad.io.atomic import write_csv_atomic, write_npz_atomic, write_png_atomic, write_text_atomic
+from kdad.metrics import thresholds
+from kdad.viz.overlay import heatmap_panel
+
+log = logging.getLogger("kdad")
 
 
 def _sync(device: torch.device) -> None:
@@ -106,21 +110,33 @@ class SpeedMonitor(L.Callback):
         self.test_images_per_second = sum(n for n, _ in shares) / max(t for _, t in shares)
 
 
-def colorize(heat: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
-    """(H,W) floats -> (H,W,3) uint8 with the jet colormap on a fixed [vmin, vmax] scale."""
-    from matplotlib import colormaps  # imported lazily: only needed when images are written
+class ThresholdFitter(L.Callback):
+    """Fits the decision thresholds when fitting ends, on the validation split (never the test
+    set), and keeps them on the module, so every checkpoint saved afterwards carries them
+    (:mod:`kdad.metrics.thresholds`). Without validation images the module gets none."""
 
-    scaled = np.clip((heat - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
-    return (colormaps["jet"](scaled)[..., :3] * 255).astype(np.uint8)
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
 
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.fit(trainer, pl_module)
 
-def heatmap_panel(
-    image: np.ndarray, mask: np.ndarray, heat: np.ndarray, vmin: float, vmax: float
-) -> np.ndarray:
-    """Input | ground truth | heatmap over the input, side by side (uint8 HxWx3 each)."""
-    gt = np.repeat((mask > 0.5).astype(np.uint8)[..., None] * 255, 3, axis=2)
-    overlay = (0.5 * image.astype(np.float32) + 0.5 * colorize(heat, vmin, vmax)).astype(np.uint8)
-    return np.concatenate([image, gt, overlay], axis=1)
+    def fit(self, trainer: L.Trainer, pl_module: L.LightningModule, weights: str = "final") -> None:
+        datamodule = trainer.datamodule
+        if datamodule is None or getattr(datamodule, "val_dataset", None) is None:
+            pl_module.thresholds = None
+            log.warning(
+                "no validation split (data.val_fraction=0): no thresholds were fit, so the checkpoint "
+                "holds none and kdad-predict reports raw scores only (no normalised score or label) "
+                "unless given image_threshold=/pixel_threshold=; train with data.val_fraction>0 to fit them"
+            )
+            return
+        device = trainer.strategy.root_device
+        pl_module.to(device)
+        pl_module.thresholds = thresholds.fit_thresholds(
+            pl_module.net, datamodule.val_dataloader(), self.settings, device
+        )
+        log.info("thresholds (%s weights): %s", weights, thresholds.describe(pl_module.thresholds))
 
 
 class HeatmapWriter(L.Callback):
@@ -193,10 +209,7 @@ class HeatmapWriter(L.Callback):
         for index, kept in enumerate(chosen):
             panel = heatmap_panel(kept["image"], kept["mask"], kept["map"], vmin, vmax)
             name = f"{index:03d}_{kept['defect']}_{Path(kept['path']).stem}.png"
-            target = self.dirpath / name
-            tmp = target.with_name(f".{name}.tmp.png")
-            Image.fromarray(panel).save(tmp)
-            tmp.replace(target)
+            target = write_png_atomic(self.dirpath / name, panel)
             files.append(str(target))
             captions.append(f"{kept['defect']} {Path(kept['path']).name} score={kept['score']:.4g}")
         # The chosen samples' arrays, so that kdad-aggregate can put several models side by side.
@@ -207,9 +220,7 @@ class HeatmapWriter(L.Callback):
             "score": np.array([k["score"] for k in chosen], dtype=np.float64),
             "path": np.array([k["path"] for k in chosen]),
         }
-        tmp = self.dirpath / ".samples.tmp.npz"
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(self.dirpath / "samples.npz")
+        write_npz_atomic(self.dirpath / "samples.npz", arrays)
         for logger in _wandb_loggers(trainer):
             logger.log_image(key="test/heatmaps", images=files, caption=captions)
 
@@ -274,8 +285,7 @@ class CurveWriter(L.Callback):
                 }
         if not curves or not trainer.is_global_zero:
             return
-        from kdad.plots import plot_curves
-        from kdad.results import write_text_atomic
+        from kdad.viz.plots import plot_curves
 
         write_text_atomic(self.dirpath / "curves.json", json.dumps(curves) + "\n")
         png = plot_curves(

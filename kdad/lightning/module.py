@@ -6,15 +6,14 @@ held-out normal training images, and the test step turns ``net.predict`` into me
 
 Everything needed to rebuild the module lives in its hyper-parameters as plain data (the
 model's Hydra config, the optimiser and scheduler partials, the preprocessing), so a checkpoint
-is self-describing: :func:`kdad.checkpoint.load_module` rebuilds it without the user's config.
+is self-describing: :func:`kdad.lightning.loading.load_module` rebuilds it without the user's config.
 Besides the weights, a checkpoint's ``kdad`` entry holds the decision thresholds fit after
-training (:mod:`kdad.thresholds`) and the random-number state at the end of the last finished
+training (:mod:`kdad.metrics.thresholds`) and the random-number state at the end of the last finished
 epoch, so that a resumed run continues exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import warnings
@@ -28,9 +27,10 @@ from hydra.utils import get_class, instantiate
 from torch import Tensor, nn
 
 from kdad.errors import KDADError
+from kdad.io.checkpoint import state_dict_digest
+from kdad.lightning.teacher_cache import TeacherFeatureCache
 from kdad.metrics import METRIC_LEVEL, build_metrics
 from kdad.models.base import DistillationModel
-from kdad.teacher_cache import TeacherFeatureCache
 
 log = logging.getLogger("kdad")
 
@@ -129,7 +129,8 @@ class DistillationModule(L.LightningModule):
         teacher_cache_max_gb: float = 4.0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # The config reaches the loggers once, flattened (kdad.engine.run), not as a nested copy.
+        self.save_hyperparameters(logger=False)
         self.net = build_net(model)
         # Speed switches (experiments/benchmark): neither changes what is computed.
         self.channels_last = bool(channels_last)
@@ -287,19 +288,6 @@ class DistillationModule(L.LightningModule):
             restore_rng_state(meta["rng"])
 
 
-def state_dict_digest(state_dict: Mapping[str, Any]) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of a state dict's tensors, in order."""
-    digest = hashlib.sha256()
-    for key, value in state_dict.items():
-        if not isinstance(value, Tensor):
-            continue
-        tensor = value.detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        if tensor.numel():
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
-    return digest.hexdigest()
-
-
 def capture_rng_state() -> dict[str, Any]:
     """torch (CPU and CUDA), numpy and Python random states as tensors and plain data, so a
     checkpoint holding them still loads with ``torch.load(weights_only=True)``."""
@@ -351,5 +339,4 @@ __all__ = [
     "capture_rng_state",
     "check_model_target",
     "restore_rng_state",
-    "state_dict_digest",
 ]

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from kdad.anomaly_map import DISTANCES, AnomalyMapGenerator
 from kdad.errors import KDADError
+from kdad.models.anomaly_map import DISTANCES, AnomalyMapGenerator
 
 FeaturePairs = list[tuple[Tensor, Tensor]]
 

@@ -102,8 +102,8 @@ import torch
 from timm.models import FeatureListNet
 from torch import Tensor, nn
 
-from kdad.anomaly_map import DISTANCES
 from kdad.errors import KDADError
+from kdad.models.anomaly_map import DISTANCES
 from kdad.models.base import DistillationModel, FeaturePairs
 from kdad.models.components.attention import CBAM
 from kdad.models.components.backbone import Teacher, create_feature_extractor

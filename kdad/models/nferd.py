@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from kdad.config import defaults, merge_settings
 from kdad.errors import KDADError
 from kdad.models.base import FeaturePairs
 from kdad.models.components.feature_bank import (
@@ -69,32 +70,8 @@ log = logging.getLogger("kdad")
 
 LOSSES = ("flattened", "per_position")
 
-NFB_DEFAULTS: dict[str, Any] = {
-    "enabled": True,
-    "size": 16,  # N
-    "top_k": 3,  # K
-    "seed": 0,
-    "recall": "per_position",
-    "weighting": "softmax",
-    "temperature": 0.05,
-    "learn_temperature": True,
-    "similarity_grad": False,
-    "exclude_self": False,
-}
-HAFM_DEFAULTS: dict[str, Any] = {
-    "merge": "add",
-    "combine": "add",
-    "reduction": 16,
-    "kernel_size": 7,
-}
-
-
-def _settings(name: str, given: Mapping | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise KDADError(f"model.{name}: unknown key(s) {unknown}; valid: {sorted(defaults)}")
-    return {**defaults, **given}
+# The bank's and HAFM's settings default to conf/model/nferd.yaml (the one home of defaults).
+_NFERD_YAML = "model/nferd.yaml"
 
 
 def _images(batch: Any) -> Tensor:
@@ -146,8 +123,8 @@ class NFERD(ReverseDistillation):
         anomaly_map: Mapping | None = None,
     ) -> None:
         # Check the settings before building anything heavy.
-        nfb_cfg = _settings("nfb", nfb, NFB_DEFAULTS)
-        hafm_cfg = _settings("hafm", hafm, HAFM_DEFAULTS)
+        nfb_cfg = merge_settings("model.nfb", nfb, defaults(_NFERD_YAML, "model.nfb"))
+        hafm_cfg = merge_settings("model.hafm", hafm, defaults(_NFERD_YAML, "model.hafm"))
         enabled, size, top_k = bool(nfb_cfg["enabled"]), int(nfb_cfg["size"]), int(nfb_cfg["top_k"])
         if fusion not in FUSIONS:
             raise KDADError(f"model.fusion={fusion!r}: expected one of {list(FUSIONS)}")
@@ -356,4 +333,4 @@ def per_position_cosine_loss(pairs: FeaturePairs) -> Tensor:
     return loss
 
 
-__all__ = ["HAFM_DEFAULTS", "LOSSES", "NFB_DEFAULTS", "NFERD", "per_position_cosine_loss"]
+__all__ = ["LOSSES", "NFERD", "per_position_cosine_loss"]

@@ -5,8 +5,6 @@ All figures are written atomically as PNG (matplotlib's Agg backend, no display 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,25 +15,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from kdad.io.atomic import write_figure_atomic
+
 METRIC_LABELS = {
     "image_auroc": "image AUROC",
     "pixel_auroc": "pixel AUROC",
     "pixel_aupro": "pixel AUPRO (FPR ≤ 0.3)",
 }
-
-
-def _save(fig: plt.Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
 
 
 def plot_curves(
@@ -61,7 +47,7 @@ def plot_curves(
         else:
             ax.plot([0, 1], [0, 1], color="lightgrey", lw=1)
     fig.suptitle(title)
-    return _save(fig, path)
+    return write_figure_atomic(fig, path)
 
 
 def category_bars(
@@ -102,7 +88,7 @@ def category_bars(
         ax.set_ylim(max(0.0, min(finite, default=0) - 5), 100.5)
     axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    return _save(fig, path)
+    return write_figure_atomic(fig, path)
 
 
 def heatmap_grid(
@@ -153,4 +139,4 @@ def heatmap_grid(
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    return _save(fig, path)
+    return write_figure_atomic(fig, path)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from kdad.anomaly_map import (
+from kdad.models.anomaly_map import (
     AnomalyMapGenerator,
     GaussianBlur2d,
     cosine_distance,
@@ -120,7 +120,7 @@ def test_stfpm_config_uses_the_official_order() -> None:
 
     from kdad.models.stfpm import STFPM
 
-    conf = OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / "stfpm.yaml")
+    conf = OmegaConf.load(Path(__file__).parents[2] / "conf" / "model" / "stfpm.yaml")
     anomaly_map = OmegaConf.to_container(conf.model.anomaly_map)
     assert anomaly_map["fuse_at"] == "first_layer"
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ from fake_trees import make_btad_tree, make_mvtec_tree
 from omegaconf import OmegaConf
 
 from kdad import download as kdad_download
-from kdad.download import MARKER, ensure_dataset
+from kdad.data.download import MARKER, ensure_dataset
 from kdad.errors import KDADError
 
 
@@ -295,7 +295,7 @@ def test_official_archives_are_configured() -> None:
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "kdad.download", *args],
+        [sys.executable, "-m", "kdad.cli.download", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

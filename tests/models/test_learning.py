@@ -68,7 +68,7 @@ def subtle_auroc(run_dir: Path) -> float:
 def train(model: str, pretrained: bool, env: dict[str, str], folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     args = [f"model={model}", f"model.pretrained={str(pretrained).lower()}", *BUDGET]
-    run("kdad.train", [*args, f"hydra.run.dir={folder}"], env, folder)
+    run("kdad.cli.train", [*args, f"hydra.run.dir={folder}"], env, folder)
     losses = epoch_losses(folder)
     assert len(losses) == 8
     assert losses[-1] < 0.8 * losses[0], losses

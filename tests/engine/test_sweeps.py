@@ -16,7 +16,7 @@ QUIET = ["logger=none", "callbacks=none"]
 def test_submitit_local_two_job_sweep_completes(env: dict[str, str], tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     run(
-        "kdad.train",
+        "kdad.cli.train",
         ["-m", "launcher=local_cpu", *TINY, *QUIET, "seed=1,2", f"hydra.sweep.dir={sweep}"],
         env,
         tmp_path,
@@ -32,7 +32,7 @@ def test_failing_job_does_not_stop_the_sweep_and_is_reported_missing(
 ) -> None:
     sweep = tmp_path / "sweep"
     proc = run(
-        "kdad.train",
+        "kdad.cli.train",
         ["-m", *TINY, *QUIET, "data.category=marble,stripes", f"hydra.sweep.dir={sweep}"],
         env,
         tmp_path,
@@ -42,7 +42,7 @@ def test_failing_job_does_not_stop_the_sweep_and_is_reported_missing(
     assert (sweep / "1" / "metrics.json").is_file()  # the job after the failure still ran
     status = json.loads((sweep / "sweep_status.json").read_text())
     assert status["jobs"] == 2 and status["finished"] == 1 and len(status["failed"]) == 1
-    agg = run("kdad.aggregate", [str(sweep)], env, tmp_path)
+    agg = run("kdad.cli.aggregate", [str(sweep)], env, tmp_path)
     assert "Missing runs (1)" in agg.stdout and "marble" in agg.stdout
     table = (sweep / "aggregate.csv").read_text().splitlines()
     assert len(table) == 1 + 2  # header, the stripes row, the mean row: the failure is not a zero
@@ -55,7 +55,7 @@ def test_optuna_search_runs_two_trials(env: dict[str, str], tmp_path: Path) -> N
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.sampler.n_startup_trials=1",
     ]
-    run("kdad.train", [*args, *TINY, *QUIET, f"hydra.sweep.dir={sweep}"], env, tmp_path)
+    run("kdad.cli.train", [*args, *TINY, *QUIET, f"hydra.sweep.dir={sweep}"], env, tmp_path)
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     values = [json.loads(p.read_text())["pixel_aupro"] for p in sweep.rglob("metrics.json")]
     assert len(values) == 2
@@ -68,7 +68,7 @@ def test_wandb_sweep_shares_a_group_and_aggregate_logs_a_summary_run(
 ) -> None:
     sweep = tmp_path / "wb_sweep"
     run(
-        "kdad.train",
+        "kdad.cli.train",
         ["-m", *TINY, "logger=wandb", "model=rd,stfpm", f"hydra.sweep.dir={sweep}"],
         env,
         tmp_path,
@@ -82,7 +82,7 @@ def test_wandb_sweep_shares_a_group_and_aggregate_logs_a_summary_run(
     }
 
     before = set(find_run_files(sweep))
-    run("kdad.aggregate", [str(sweep), "--wandb"], env, tmp_path)
+    run("kdad.cli.aggregate", [str(sweep), "--wandb"], env, tmp_path)
     (summary_file,) = set(find_run_files(sweep)) - before
     summary = read_run(summary_file)
     assert summary["group"] == sweep.name and summary["name"] == f"aggregate-{sweep.name}"

@@ -46,29 +46,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdad.config import defaults, merge_settings
 from kdad.errors import KDADError
 from kdad.metrics.functional import binary_clf_curve
 
 log = logging.getLogger("kdad")
 
 METHODS = ("auto", "quantile", "f1")
-# The defaults of ``thresholds.*`` (conf/train.yaml holds the same values).
-DEFAULTS: dict[str, Any] = {
-    "method": "auto",
-    "image_quantile": 0.99,
-    "pixel_quantile": 0.999,
-    "max_pixels": 10_000_000,  # map values kept for the pixel quantile (evenly subsampled)
-}
 FORMAT = 1
 
 
 def settings(given: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``thresholds.*`` from the config over :data:`DEFAULTS`, validated."""
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise KDADError(f"thresholds: unknown key(s) {unknown}; valid: {sorted(DEFAULTS)}")
-    merged = {**DEFAULTS, **given}
+    """``thresholds.*`` from the config over conf/train.yaml's, validated."""
+    merged = merge_settings("thresholds", given, defaults("train.yaml", "thresholds"))
     if merged["method"] not in METHODS:
         raise KDADError(f"thresholds.method={merged['method']!r}: expected one of {list(METHODS)}")
     for key in ("image_quantile", "pixel_quantile"):
@@ -303,7 +293,6 @@ def describe(thresholds: Mapping[str, Any] | None) -> str:
 
 
 __all__ = [
-    "DEFAULTS",
     "METHODS",
     "collect",
     "describe",
@@ -313,5 +302,17 @@ __all__ = [
     "level_thresholds",
     "normalize",
     "override",
+    "record",
     "settings",
 ]
+
+
+def record(fitted: dict[str, Any] | None, checkpoint: str) -> dict[str, Any]:
+    """thresholds.json: the thresholds of the checkpoint that is tested, flat for readers."""
+    flat: dict[str, Any] = {"checkpoint": str(checkpoint), "fitted": fitted is not None}
+    for level in ("image", "pixel"):
+        values = (fitted or {}).get(level) or {}
+        for key in ("threshold", "method", "quantile", "center", "scale"):
+            flat[f"{level}_{key}"] = values.get(key)
+    flat["num_validation_images"] = (fitted or {}).get("num_images", 0)
+    return flat

@@ -23,7 +23,9 @@ METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_a
 @pytest.fixture(scope="module")
 def checkpoint(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ddp_train")
-    run("kdad.train", [*TINY, "logger=none", "callbacks=none", f"hydra.run.dir={out}"], env, out)
+    run(
+        "kdad.cli.train", [*TINY, "logger=none", "callbacks=none", f"hydra.run.dir={out}"], env, out
+    )
     return out / "checkpoints" / "last.ckpt"
 
 
@@ -37,13 +39,13 @@ def test_ddp_sim_eval_equals_single_process(
 ) -> None:
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     run(
-        "kdad.eval",
+        "kdad.cli.eval",
         [*DATA, f"ckpt_path={checkpoint}", "logger=none", f"hydra.run.dir={single}"],
         env,
         tmp_path,
     )
     run(
-        "kdad.eval",
+        "kdad.cli.eval",
         [
             *DATA,
             f"ckpt_path={checkpoint}",
@@ -69,7 +71,7 @@ def test_ddp_sim_training_in_a_multirun_keeps_one_folder_per_run(
 ) -> None:
     sweep = tmp_path / "sweep"
     run(
-        "kdad.train",
+        "kdad.cli.train",
         [
             "-m",
             *TINY,

@@ -10,8 +10,8 @@ import torch
 from inprocess import load, train
 
 from kdad.errors import KDADError
-from kdad.lightning_module import DistillationModule
-from kdad.teacher_cache import TeacherFeatureCache
+from kdad.lightning.module import DistillationModule
+from kdad.lightning.teacher_cache import TeacherFeatureCache
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*"),

@@ -14,9 +14,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from kdad.cli import CONFIG_DIR
+from kdad.config import CONFIG_DIR
 from kdad.errors import KDADError
-from kdad.lightning_module import build_net
+from kdad.lightning.module import build_net
 from kdad.models.components.attention import CBAM
 from kdad.models.components.backbone import create_feature_extractor
 from kdad.models.components.projector import Projector
@@ -390,7 +390,7 @@ def train_cli(
     command = [
         sys.executable,
         "-m",
-        "kdad.train",
+        "kdad.cli.train",
         *teacher,
         "data.category=checker",
         "data.image_size=64",

@@ -16,13 +16,13 @@ import torch
 from clirun import DATA, TINY, run
 from wandb_reader import find_run_files, read_run
 
-from kdad.results import RESULT_KEYS
+from kdad.io.results import RESULT_KEYS
 
 
 @pytest.fixture(scope="module")
 def trained_run(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("train_run")
-    run("kdad.train", [*TINY, "logger=csv", f"hydra.run.dir={out}"], env, out)
+    run("kdad.cli.train", [*TINY, "logger=csv", f"hydra.run.dir={out}"], env, out)
     return out
 
 
@@ -63,7 +63,7 @@ def test_eval_reproduces_the_training_run(
 ) -> None:
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     run(
-        "kdad.eval",
+        "kdad.cli.eval",
         [*DATA, f"ckpt_path={ckpt}", "logger=none", f"hydra.run.dir={tmp_path}"],
         env,
         tmp_path,
@@ -82,7 +82,7 @@ def test_eval_rejects_a_checkpoint_of_another_variant(
 ) -> None:
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     proc = run(
-        "kdad.eval",
+        "kdad.cli.eval",
         [*DATA, "model=stfpm", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}"],
         env,
         tmp_path,
@@ -102,7 +102,7 @@ def test_checkpoint_loads_with_weights_only(trained_run: Path) -> None:
 def test_multirun_and_aggregate(env: dict[str, str], tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     run(
-        "kdad.train",
+        "kdad.cli.train",
         [
             "-m",
             *TINY,
@@ -116,7 +116,7 @@ def test_multirun_and_aggregate(env: dict[str, str], tmp_path: Path) -> None:
         tmp_path,
     )
     assert len(list(sweep.rglob("metrics.json"))) == 4
-    proc = run("kdad.aggregate", [str(sweep)], env, tmp_path)
+    proc = run("kdad.cli.aggregate", [str(sweep)], env, tmp_path)
     with open(sweep / "aggregate.csv") as handle:
         rows = list(csv.DictReader(handle))
     cells = [(r["model"], r["category"]) for r in rows if r["category"] != "mean"]
@@ -134,7 +134,7 @@ def test_multirun_and_aggregate(env: dict[str, str], tmp_path: Path) -> None:
 
 def test_wandb_offline_run_holds_the_test_metrics(env: dict[str, str], tmp_path: Path) -> None:
     run(
-        "kdad.train",
+        "kdad.cli.train",
         [*TINY, "logger=wandb", "callbacks=none", f"hydra.run.dir={tmp_path}"],
         env,
         tmp_path,
@@ -169,7 +169,7 @@ def test_user_errors_are_one_line_without_traceback(
         else [a for a in TINY if not a.startswith("data.synthetic")]
     )
     proc = run(
-        "kdad.train", [*base, *overrides, f"hydra.run.dir={tmp_path}"], env, tmp_path, expect=2
+        "kdad.cli.train", [*base, *overrides, f"hydra.run.dir={tmp_path}"], env, tmp_path, expect=2
     )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kdad: error:")]
     assert len(errors) == 1 and expected in errors[0], proc.stderr
@@ -187,7 +187,7 @@ def test_unreadable_training_image_is_named(env: dict[str, str], tmp_path: Path)
         Image.new("RGB", (32, 32), (i * 20, 90, 120)).save(root / "good" / f"{i}.png")
     (root / "good" / "broken.png").write_bytes(b"this is not a png")
     proc = run(
-        "kdad.train",
+        "kdad.cli.train",
         [
             *[a for a in TINY if not a.startswith("data.synthetic")],
             "data=folder",

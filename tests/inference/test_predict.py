@@ -25,11 +25,10 @@ from clirun import TINY, run
 from omegaconf import OmegaConf
 from PIL import Image
 
-from kdad import cli
-from kdad.checkpoint import load_module, read_checkpoint, save_checkpoint
+from kdad.config import CONFIG_DIR
 from kdad.data import AnomalyDataModule, Preprocess, load_image
 from kdad.errors import KDADError
-from kdad.predict import (
+from kdad.inference.predict import (
     HEADER,
     find_inputs,
     inside,
@@ -38,7 +37,9 @@ from kdad.predict import (
     predict,
     resolve_device,
 )
-from kdad.thresholds import fit_from_values, normalize, settings
+from kdad.io.checkpoint import read_checkpoint
+from kdad.lightning.loading import load_module, save_checkpoint
+from kdad.metrics.thresholds import fit_from_values, normalize, settings
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def trained(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Pa
     """The run folder of one tiny training run (no test phase)."""
     out = tmp_path_factory.mktemp("train")
     run(
-        "kdad.train",
+        "kdad.cli.train",
         [*TINY, "test=false", "logger=none", "callbacks=none", f"hydra.run.dir={out}"],
         env,
         out,
@@ -152,10 +153,11 @@ def test_threshold_methods_and_normalisation() -> None:
 
 
 def test_no_validation_split_fits_no_thresholds(caplog: pytest.LogCaptureFixture) -> None:
-    from kdad.train import fit_thresholds
+    from kdad.lightning.callbacks import ThresholdFitter
 
     module = SimpleNamespace(thresholds={"stale": True})
-    fit_thresholds(OmegaConf.create({}), None, module, SimpleNamespace(val_dataset=None))
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(val_dataset=None))
+    ThresholdFitter(settings(None)).on_fit_end(trainer, module)
     assert module.thresholds is None
     assert "data.val_fraction=0" in caplog.text and "no thresholds were fit" in caplog.text
 
@@ -211,7 +213,7 @@ def test_predict_cli_on_a_folder_of_awkward_files(
     files = awkward_folder(folder, datamodule)
     out = tmp_path / "out"
     proc = run(
-        "kdad.predict",
+        "kdad.cli.predict",
         [
             f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}",
             f"input={folder}",
@@ -287,7 +289,7 @@ def call_predict(
     cfg_changes: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> list[dict[str, str]]:
     """kdad.predict.predict in-process on conf/predict.yaml's defaults; returns the CSV rows."""
-    cfg = OmegaConf.load(Path(cli.CONFIG_DIR) / "predict.yaml")
+    cfg = OmegaConf.load(Path(CONFIG_DIR) / "predict.yaml")
     del cfg["defaults"]
     cfg = OmegaConf.merge(
         cfg, {"num_workers": 0, "progress": False, "overlays": False, **cfg_changes}
@@ -512,7 +514,7 @@ def test_predict_cli_rejects_a_tampered_checkpoint(env, tmp_path: Path) -> None:
     torch.save({"kdad": {}, "payload": _Payload(tmp_path / "EXECUTED")}, tmp_path / "object.ckpt")
     Image.new("RGB", (8, 8)).save(tmp_path / "part.png")
     proc = run(
-        "kdad.predict",
+        "kdad.cli.predict",
         [
             f"ckpt_path={tmp_path / 'object.ckpt'}",
             f"input={tmp_path}",
@@ -530,7 +532,7 @@ def test_predict_cli_rejects_a_tampered_checkpoint(env, tmp_path: Path) -> None:
 
 
 def test_a_run_folder_means_the_checkpoint_it_tested(tmp_path: Path) -> None:
-    from kdad.checkpoint import resolve_checkpoint_path
+    from kdad.io.checkpoint import resolve_checkpoint_path
 
     (tmp_path / "checkpoints").mkdir()
     for name in ("last.ckpt", "best.ckpt"):

@@ -23,14 +23,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
-from kdad import cli
-from kdad.checkpoint import load_module, save_checkpoint
+from kdad.config import CONFIG_DIR
+from kdad.engine.run import build_module
 from kdad.errors import KDADError
-from kdad.export import export_module
-from kdad.lightning_module import DistillationModule
-from kdad.train import build_module
+from kdad.inference.export import export_module
+from kdad.lightning.loading import load_module, save_checkpoint
+from kdad.lightning.module import DistillationModule
 
-VARIANTS = sorted(p.stem for p in (Path(cli.CONFIG_DIR) / "model").glob("*.yaml"))
+VARIANTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
 # variant -> why it cannot be exported (empty: every variant must export).
 SKIP: dict[str, str] = {}
 SIZE = 64
@@ -39,7 +39,7 @@ TOLERANCE = 1e-4
 
 def tiny_module(variant: str) -> DistillationModule:
     """The variant as conf/model/<variant>.yaml defines it, shrunk, with its bank built."""
-    with initialize_config_dir(config_dir=cli.CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             "train",
             overrides=[
@@ -137,7 +137,7 @@ def test_cli_exports_a_checkpoint_and_its_thresholds(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "kdad.export",
+            "kdad.cli.export",
             f"ckpt_path={ckpt}",
             "format=torchscript",
             f"hydra.run.dir={run}",

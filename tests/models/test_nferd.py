@@ -16,13 +16,15 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
-from kdad.checkpoint import load_module
-from kdad.cli import CONFIG_DIR
+from kdad.config import CONFIG_DIR, defaults
 from kdad.data import AnomalyDataModule
 from kdad.errors import KDADError
+from kdad.lightning.loading import load_module
 from kdad.models.components.feature_bank import NormalFeatureBank, select_bank_images
 from kdad.models.components.hafm import FUSIONS, HAFM, StageFusion
-from kdad.models.nferd import HAFM_DEFAULTS, NFB_DEFAULTS, NFERD
+from kdad.models.nferd import NFERD
+
+NFB_DEFAULTS = defaults("model/nferd.yaml", "model.nfb")
 from kdad.models.rd4ad import ReverseDistillation
 
 SIZE = 64
@@ -427,7 +429,7 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     command = [
         sys.executable,
         "-m",
-        "kdad.train",
+        "kdad.cli.train",
         "model=nferd",
         "model.backbone=resnet18",
         "model.pretrained=false",
@@ -492,8 +494,9 @@ def test_model_config_has_the_switches_and_paper_defaults() -> None:
     assert cfg.model_name == "nferd"
     assert cfg.model.backbone == "wide_resnet50_2.tv_in1k" and cfg.data.image_size == 256
     assert set(cfg.model.nfb) >= {"enabled", "size", "top_k", "seed"} and cfg.model.fusion == "hafm"
-    # Every switch is in the YAML, with the constructor's defaults (overridable, sweepable).
-    assert dict(cfg.model.nfb) == NFB_DEFAULTS and dict(cfg.model.hafm) == HAFM_DEFAULTS
+    # Every switch is in the YAML, the one home of defaults: a model built without Hydra uses it.
+    net = NFERD(backbone="resnet18", pretrained=False)
+    assert net.nfb_size == cfg.model.nfb.size and net.nfb_top_k == cfg.model.nfb.top_k
     assert cfg.model.loss == "per_position" and cfg.model.nfb.recall == "per_position"
     assert cfg.optimizer.lr == 0.005 and list(cfg.optimizer.betas) == [0.5, 0.999]
 
