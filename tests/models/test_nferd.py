@@ -24,8 +24,9 @@ from kdad.models.components.feature_bank import NormalFeatureBank, select_bank_i
 from kdad.models.components.hafm import FUSIONS, HAFM, StageFusion
 from kdad.models.nferd import NFERD
 
-NFB_DEFAULTS = defaults("model/nferd.yaml", "model.nfb")
 from kdad.models.rd4ad import ReverseDistillation
+
+NFB_DEFAULTS = defaults("model/nferd.yaml", "model.nfb")
 
 SIZE = 64
 # The short real run: textures generated at the model's size (quick, no resizing), 30 normal
