@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from kdad import train as kdad_train
 from kdad.config import CONFIG_DIR
+from kdad.engine import run as kdad_train
 
 BASE = [
     *[arg for arg in TINY if not arg.startswith("trainer.max_epochs")],

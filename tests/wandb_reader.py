@@ -45,14 +45,19 @@ def _payloads(data: bytes):
 
 
 def read_run(path: str | Path) -> dict[str, Any]:
-    """{'group', 'tags', 'name', 'config': {...}, 'summary': {...}, 'history': {key: [values]}}."""
+    """{'id', 'group', 'job_type', 'tags', 'name', 'config': {...}, 'summary': {...},
+    'history': {key: [values]}, 'metrics': {name: summary kinds}, 'artifacts': [...]}."""
     out: dict[str, Any] = {
         "config": {},
         "summary": {},
         "history": {},
         "group": None,
+        "job_type": None,
+        "id": None,
         "tags": [],
         "name": None,
+        "metrics": {},
+        "artifacts": [],
     }
     for payload in _payloads(Path(path).read_bytes()):
         record = pb.Record()
@@ -64,6 +69,7 @@ def read_run(path: str | Path) -> dict[str, Any]:
                 list(record.run.tags),
                 record.run.display_name,
             )
+            out["id"], out["job_type"] = record.run.run_id, record.run.job_type
             for item in record.run.config.update:
                 out["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         elif kind == "config":
@@ -72,6 +78,20 @@ def read_run(path: str | Path) -> dict[str, Any]:
         elif kind == "summary":
             for item in record.summary.update:
                 out["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "metric":
+            summary = record.metric.summary
+            kinds = [
+                k for k in ("min", "max", "mean", "last", "best") if getattr(summary, k, False)
+            ]
+            out["metrics"][record.metric.name] = kinds
+        elif kind == "artifact":
+            out["artifacts"].append(
+                {
+                    "name": record.artifact.name,
+                    "type": record.artifact.type,
+                    "files": [entry.path for entry in record.artifact.manifest.contents],
+                }
+            )
         elif kind == "history":
             for item in record.history.item:
                 key = item.key or "/".join(item.nested_key)

@@ -70,7 +70,7 @@ def log_run_config(trainer: L.Trainer, cfg: DictConfig, module: DistillationModu
     }
     log.info(
         "%s: %d trainable / %d total parameters",
-        cfg.model_name,
+        module.hparams.model_name,
         params["params_trainable"],
         params["params_total"],
     )

@@ -68,15 +68,38 @@ def _hydra() -> Any | None:
         return None
 
 
+def swept_keys() -> set[str] | None:
+    """The keys a multirun sweeps (several values on its command line or in the experiment's
+    ``hydra.sweeper.params``), read from the sweep's ``multirun.yaml`` (any launcher writes
+    it before the jobs start); None outside a multirun or when it cannot be read."""
+    hydra_cfg = _hydra()
+    if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        sweep = OmegaConf.load(Path(str(hydra_cfg.sweep.dir)) / "multirun.yaml")
+        items = [str(o) for o in sweep.hydra.overrides.task]
+        params = sweep.hydra.sweeper.get("params") or {}
+        items += [f"{key}={value}" for key, value in params.items()]
+        parsed = OverridesParser.create().parse_overrides(items)
+    except Exception:  # an unreadable file only costs the short names
+        return None
+    return {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
+
+
 def overrides() -> list[str]:
-    """This job's task overrides (a multirun job: its own values) minus :data:`NOISE` and
-    values that are paths."""
+    """What tells this run apart: in a multirun, its values of the swept keys; otherwise
+    its command-line overrides. Both without :data:`NOISE` and values that are paths."""
     hydra_cfg = _hydra()
     given = list(hydra_cfg.overrides.task) if hydra_cfg is not None else []
+    swept = swept_keys()
     kept = []
     for item in given:
         key, _, value = str(item).lstrip("+~").partition("=")
         if any(key == n.rstrip(".") or key.startswith(n) for n in NOISE) or "/" in value:
+            continue
+        if swept is not None and key not in swept:
             continue
         kept.append(f"{key}={value}")
     return kept

@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
 
 from kdad.io.atomic import write_csv_atomic, write_npz_atomic, write_png_atomic, write_text_atomic
 from kdad.metrics import thresholds
@@ -226,13 +227,19 @@ class HeatmapWriter(L.Callback):
 
 
 class ScoreWriter(L.Callback):
-    """Writes every test image's raw score to ``scores.csv`` (and a W&B table)."""
+    """Writes every test image's raw score to ``scores.csv``; with a W&B logger, the same rows
+    as the table ``test/scores`` with the normalised score and predicted label (from the
+    module's thresholds, where it has them) and a thumbnail for up to ``max_thumbnails``
+    images, spread evenly over the path-ordered test set (every defect type is in it)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, max_thumbnails: int = 64, thumbnail_size: int = 96) -> None:
         self.path = Path(path)
+        self.max_thumbnails = int(max_thumbnails)
+        self.thumbnail_size = int(thumbnail_size)
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._rows: list[list[Any]] = []
+        self._thumbs: dict[str, np.ndarray] = {}
 
     def on_test_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
@@ -242,15 +249,66 @@ class ScoreWriter(L.Callback):
             batch["path"], batch["defect_type"], batch["label"].tolist(), scores, strict=True
         ):
             self._rows.append([str(path), str(defect), int(label), float(score)])
+        preprocess = getattr(trainer.datamodule, "preprocess", None)
+        if _wandb_loggers(trainer) and self.max_thumbnails > 0 and preprocess is not None:
+            for i, path in enumerate(batch["path"]):
+                image = Image.fromarray(preprocess.denormalize(batch["image"][i].cpu()))
+                image.thumbnail((self.thumbnail_size, self.thumbnail_size))
+                self._thumbs[str(path)] = np.asarray(image)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rows = sorted(_gather_objects(trainer, self._rows))  # every process's share, in path order
+        loggers = _wandb_loggers(trainer)
+        thumbs: dict[str, np.ndarray] = {}
+        if loggers:
+            for part in _gather_objects(trainer, [self._thumbs]):
+                thumbs.update(part)
         if not trainer.is_global_zero:
             return
         header = ["path", "defect_type", "label", "score"]
         write_csv_atomic(self.path, header, rows)
-        for logger in _wandb_loggers(trainer):
-            logger.log_table(key="test/scores", columns=header, data=rows)
+        if loggers:
+            self._log_table(loggers, rows, thumbs, getattr(pl_module, "thresholds", None))
+
+    def _log_table(
+        self,
+        loggers: list[WandbLogger],
+        rows: list[list[Any]],
+        thumbs: dict[str, np.ndarray],
+        fitted: dict[str, Any] | None,
+    ) -> None:
+        import wandb
+
+        image_level = (fitted or {}).get("image")
+        step = max(1, -(-len(rows) // max(self.max_thumbnails, 1)))
+        shown = {row[0] for row in rows[::step][: self.max_thumbnails]}
+        data = []
+        for path, defect, label, score in rows:
+            normalized = thresholds.normalize(score, image_level) if image_level else None
+            predicted = int(score > image_level["threshold"]) if image_level else None
+            thumb = thumbs.get(path) if path in shown else None
+            data.append(
+                [
+                    path,
+                    defect,
+                    label,
+                    score,
+                    normalized,
+                    predicted,
+                    wandb.Image(thumb) if thumb is not None else None,
+                ]
+            )
+        columns = [
+            "path",
+            "defect_type",
+            "label",
+            "score",
+            "normalized_score",
+            "predicted_label",
+            "thumbnail",
+        ]
+        for logger in loggers:
+            logger.log_table(key="test/scores", columns=columns, data=data)
 
 
 class CurveWriter(L.Callback):
@@ -258,7 +316,9 @@ class CurveWriter(L.Callback):
 
     Writes ``curves.json`` (each curve downsampled to at most 2000 points, from the exact
     curves of the test metrics, gathered over all processes) and ``curves.png``; with a W&B
-    logger the plot is logged as ``test/curves``.
+    logger each curve is a line plot backed by a table (``test/curves/image_roc``,
+    ``test/curves/pixel_roc``, ``test/curves/pixel_pro``), so runs can be overlaid in a
+    dashboard, and the PNG is logged as ``test/curves_png``.
     """
 
     def __init__(self, dirpath: str, points: int = 2000) -> None:
@@ -293,5 +353,21 @@ class CurveWriter(L.Callback):
             self.dirpath / "curves.png",
             title=str(getattr(pl_module.hparams, "model_name", "")),
         )
-        for logger in _wandb_loggers(trainer):
-            logger.log_image(key="test/curves", images=[str(png)])
+        loggers = _wandb_loggers(trainer)
+        if not loggers:
+            return
+        import wandb
+
+        for logger in loggers:
+            plots: dict[str, Any] = {}
+            for name, axes in curves.items():
+                x_name, y_name = list(axes)
+                table = wandb.Table(
+                    columns=[x_name, y_name],
+                    data=[list(p) for p in zip(*axes.values(), strict=True)],
+                )
+                plots[f"test/curves/{name}"] = wandb.plot.line(
+                    table, x_name, y_name, title=f"{name.replace('_', ' ')}"
+                )
+            logger.experiment.log(plots)
+            logger.log_image(key="test/curves_png", images=[str(png)])

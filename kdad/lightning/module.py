@@ -39,6 +39,17 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 # on_before_batch_transfer reads the sample indices before they go to the device; Lightning's
 # note that the module's hook is used rather than the datamodule's is expected.
 warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transfer`.*")
+# Third-party noise kdad cannot fix, silenced by exact message: Lightning's own use of a torch
+# API torch deprecated (lightning/pytorch/utilities/_pytree.py), and its advertisements.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+
+
+class _NoAdvertisements(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip:")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertisements())
 
 
 def _nested_targets(value: Any, path: str) -> list[str]:

@@ -145,7 +145,7 @@ def test_wandb_offline_run_holds_the_test_metrics(env: dict[str, str], tmp_path:
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_ap"):
         assert logged["history"][f"test/{key}"][-1] == pytest.approx(metrics[key], abs=1e-6)
-    assert logged["group"] == tmp_path.name
+    assert logged["group"] == "train" and logged["job_type"] == "train"  # task_name, command
     assert set(logged["tags"]) >= {"rd", "synthetic", "stripes"}
     assert logged["config"]["model.backbone"] == "resnet18"  # flattened: filterable by any key
     assert logged["config"]["params_trainable"] == metrics["params_trainable"]

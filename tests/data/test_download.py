@@ -27,7 +27,7 @@ import pytest
 from fake_trees import make_btad_tree, make_mvtec_tree
 from omegaconf import OmegaConf
 
-from kdad import download as kdad_download
+from kdad.data import download as kdad_download
 from kdad.data.download import MARKER, ensure_dataset
 from kdad.errors import KDADError
 

@@ -18,7 +18,7 @@ import pytest
 from inprocess import assert_same_weights, load, train
 from omegaconf import OmegaConf
 
-from kdad import train as kdad_train
+from kdad.engine import run as kdad_train
 from kdad.errors import KDADError
 
 pytestmark = [
@@ -82,15 +82,13 @@ def test_finished_run_continues_with_ckpt_path_last_to_the_same_weights(
 def test_resume_path_errors_are_one_line(uninterrupted: Path, tmp_path: Path) -> None:
     cfg = OmegaConf.create({"ckpt_path": "last", "model_name": "rd"})
     with pytest.raises(KDADError, match=r"ckpt_path=last: no checkpoint at .*hydra.run.dir"):
-        kdad_train._resume_path(cfg, tmp_path / "checkpoints")
+        kdad_train.resume_path(cfg, tmp_path / "checkpoints")
     cfg = OmegaConf.create({"ckpt_path": str(uninterrupted), "model_name": "stfpm"})
     with pytest.raises(KDADError, match=r"holds a model=rd checkpoint.*pass model=rd"):
-        kdad_train._resume_path(cfg, tmp_path)
+        kdad_train.resume_path(cfg, tmp_path)
     cfg = OmegaConf.create({"ckpt_path": str(uninterrupted), "model_name": "rd"})
-    assert kdad_train._resume_path(cfg, tmp_path) == str(
-        uninterrupted / "checkpoints" / "last.ckpt"
-    )
+    assert kdad_train.resume_path(cfg, tmp_path) == str(uninterrupted / "checkpoints" / "last.ckpt")
     (tmp_path / "junk.ckpt").write_bytes(b"junk")
     cfg = OmegaConf.create({"ckpt_path": str(tmp_path / "junk.ckpt"), "model_name": "rd"})
     with pytest.raises(KDADError, match="not a readable kdad checkpoint"):
-        kdad_train._resume_path(cfg, tmp_path)
+        kdad_train.resume_path(cfg, tmp_path)

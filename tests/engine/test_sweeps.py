@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import yaml
 from clirun import TINY, run
-from wandb_reader import find_run_files, read_run
 
 QUIET = ["logger=none", "callbacks=none"]
 
@@ -61,37 +59,3 @@ def test_optuna_search_runs_two_trials(env: dict[str, str], tmp_path: Path) -> N
     assert len(values) == 2
     assert results["best_value"] == max(values)  # Optuna got the metric the jobs returned
     assert set(results["best_params"]) == {"optimizer.lr", "model.anomaly_map.sigma"}
-
-
-def test_wandb_sweep_shares_a_group_and_aggregate_logs_a_summary_run(
-    env: dict[str, str], tmp_path: Path
-) -> None:
-    sweep = tmp_path / "wb_sweep"
-    run(
-        "kdad.cli.train",
-        ["-m", *TINY, "logger=wandb", "model=rd,stfpm", f"hydra.sweep.dir={sweep}"],
-        env,
-        tmp_path,
-    )
-    runs = [read_run(path) for path in find_run_files(sweep)]
-    assert len(runs) == 2
-    assert {r["group"] for r in runs} == {sweep.name}
-    assert {r["name"] for r in runs} == {
-        "rd-synthetic-stripes-seed111",
-        "stfpm-synthetic-stripes-seed0",
-    }
-
-    before = set(find_run_files(sweep))
-    run("kdad.cli.aggregate", [str(sweep), "--wandb"], env, tmp_path)
-    (summary_file,) = set(find_run_files(sweep)) - before
-    summary = read_run(summary_file)
-    assert summary["group"] == sweep.name and summary["name"] == f"aggregate-{sweep.name}"
-    assert summary["history"]["aggregate/table/nrows"] == [4]  # 2 model rows + 2 mean rows
-    assert "aggregate/aggregate_bars/_type" in summary["history"]
-    assert summary["summary"]["rd/image_auroc"] == pytest.approx(
-        json.loads((sweep / "0" / "metrics.json").read_text())["image_auroc"]
-    )
-    # Plots next to the table: bars, and a heatmap grid with both models' maps.
-    assert (sweep / "aggregate_bars.png").is_file() and (
-        sweep / "heatmaps_synthetic_stripes.png"
-    ).is_file()

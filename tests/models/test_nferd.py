@@ -23,7 +23,6 @@ from kdad.lightning.loading import load_module
 from kdad.models.components.feature_bank import NormalFeatureBank, select_bank_images
 from kdad.models.components.hafm import FUSIONS, HAFM, StageFusion
 from kdad.models.nferd import NFERD
-
 from kdad.models.rd4ad import ReverseDistillation
 
 NFB_DEFAULTS = defaults("model/nferd.yaml", "model.nfb")
