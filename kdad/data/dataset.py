@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 from kdad.data.layouts import Sample
-from kdad.data.transforms import Preprocess, load_image, load_mask
+from kdad.data.transforms import Preprocess, file_problem, load_image, load_mask
 from kdad.errors import KDADError
 
 
@@ -86,3 +86,26 @@ def _check_mask_shape(mask: tuple[int, ...], image: tuple[int, ...], sample: Sam
             f"mask {sample.mask_path} is {mask[1]}x{mask[0]} but its image {sample.image_path}"
             f" is {image[1]}x{image[0]}"
         )
+
+
+def verify_files(datasets: Iterable[AnomalyDataset | None]) -> int:
+    """Check every image and mask file the datasets will read (:func:`file_problem`) before
+    any work is spent on them; one line naming the first bad file(s). Returns the count."""
+    problems: list[str] = []
+    count = 0
+    for dataset in datasets:
+        for sample in dataset.samples if dataset is not None else ():
+            for path in (sample.image_path, sample.mask_path):
+                if path is None:
+                    continue
+                count += 1
+                reason = file_problem(path)
+                if reason is not None:
+                    problems.append(f"{path}: {reason}")
+    if problems:
+        more = f" (and {len(problems) - 1} more, e.g. {problems[1]})" if len(problems) > 1 else ""
+        raise KDADError(
+            f"{len(problems)} of {count} image/mask files cannot be read: {problems[0]}{more}; "
+            "fix or remove them (nothing was trained)"
+        )
+    return count

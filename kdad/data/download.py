@@ -232,20 +232,31 @@ def _missing(root: Path, expect: Sequence[str]) -> list[str]:
     return [rel for rel in expect if not (root / rel).exists()]
 
 
+def _links(tree: Path) -> list[Path]:
+    """Symbolic links anywhere in ``tree`` (not followed)."""
+    found = []
+    for folder, dirs, files in os.walk(tree, followlinks=False):
+        found += [
+            Path(folder) / name for name in (*dirs, *files) if (Path(folder) / name).is_symlink()
+        ]
+    return found
+
+
 @contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive lock (several processes, e.g. DDP ranks, may ask for the same dataset)."""
+def _lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` itself (several processes, e.g. DDP ranks, may ask for
+    the same dataset): an flock on the folder's descriptor, so no lock file is left behind."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no locking
         yield
         return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def ensure_dataset(
@@ -264,7 +275,7 @@ def ensure_dataset(
     marker = root / MARKER
     parent = root.parent
     parent.mkdir(parents=True, exist_ok=True)
-    with _lock(parent / f".{root.name}.lock"):
+    with _lock(parent):
         if marker.is_file():
             log.info("%s is already in %s (downloaded by kdad); nothing to do", name, root)
             return root
@@ -305,6 +316,12 @@ def ensure_dataset(
         try:
             log.info("extracting %s", source)
             unpack(source, tmp)
+            links = _links(tmp)
+            if links:
+                raise KDADError(
+                    f"{source} holds a symbolic link ({links[0].relative_to(tmp)}); a dataset tree "
+                    "with links is refused (it could point outside data.root); nothing was extracted into place"
+                )
             content = _content_dir(tmp, spec.get("subdir"), expect)
             missing = _missing(content, expect)
             if missing:

@@ -41,6 +41,21 @@ def _open(path: str | Path) -> Image.Image:
         raise KDADError(f"cannot read image file {path}: {exc}") from exc
 
 
+def file_problem(path: str | Path) -> str | None:
+    """Why the image or mask file at ``path`` cannot be read (its header and, for PNG, every
+    chunk's checksum), or None. Cheap: nothing is decoded."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except FileNotFoundError:
+        return "does not exist"
+    except UnidentifiedImageError:
+        return "not an image format PIL can decode"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return " ".join(str(exc).split())[:160] or type(exc).__name__
+    return None
+
+
 def _to_uint8(image: Image.Image) -> np.ndarray:
     """An HxW or HxWxC uint8 array of ``image``, with wide integer/float data scaled to 0..255."""
     if image.mode in _SIXTEEN_BIT:

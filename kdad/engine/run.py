@@ -9,17 +9,21 @@ a checkpoint's module and test it. Both return ``optimized_metric`` for Hydra sw
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdad.config import flatten
+from kdad.data.dataset import verify_files
 from kdad.data.download import instantiate_data
 from kdad.engine import hydra as kdad_hydra
+from kdad.engine import validate
 from kdad.engine import wandb as kdad_wandb
 from kdad.errors import KDADError
 from kdad.io.atomic import write_json_atomic, write_text_atomic
@@ -34,7 +38,12 @@ log = logging.getLogger("kdad")
 
 
 def build_module(cfg: DictConfig) -> DistillationModule:
-    preprocess = {"image_size": cfg.data.image_size, "crop_size": cfg.data.get("crop_size")}
+    # What evaluation and prediction repeat from the checkpoint (kdad-eval, kdad-predict).
+    preprocess = {
+        "image_size": cfg.data.image_size,
+        "crop_size": cfg.data.get("crop_size"),
+        "mask_resize": cfg.data.get("mask_resize", "nearest"),
+    }
     return DistillationModule(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
@@ -136,7 +145,7 @@ def resume_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
             " (pass hydra.run.dir=<the run folder> with ckpt_path=last)" if given == "last" else ""
         )
         raise KDADError(f"ckpt_path={given}: no checkpoint at {path}{hint}")
-    name = checkpoint_model_name(read_checkpoint(path))
+    name = checkpoint_model_name(read_checkpoint(path, allow_unsigned=bool(cfg.allow_unsigned)))
     if name != str(cfg.model_name):
         raise KDADError(
             f"ckpt_path={given} holds a model={name} checkpoint, but this run trains model={cfg.model_name}; "
@@ -165,16 +174,57 @@ def _thresholds_for_best(
     return best_thresholds
 
 
+def _previous(cfg: DictConfig, out: Path) -> tuple[str, Any]:
+    """What ``resume=auto`` finds in the run folder: ("finished", metrics), ("unfinished",
+    its last.ckpt) or ("new", None). A re-run multirun command continues where it stopped."""
+    if cfg.resume == "never" or cfg.get("ckpt_path"):
+        return "new", None
+    metrics = out / "metrics.json"
+    if metrics.is_file():
+        try:
+            return "finished", json.loads(metrics.read_text())
+        except (OSError, ValueError):
+            log.warning("%s is unreadable: the run is trained again", metrics)
+    last = out / "checkpoints" / "last.ckpt"
+    return ("unfinished", last) if last.is_file() else ("new", None)
+
+
+def _save_final(trainer: L.Trainer, path: Path) -> None:
+    """``trainer.save_checkpoint`` to a temporary file, then moved onto ``path`` (atomic)."""
+    partial = path.with_name(f".{path.name}.partial")
+    trainer.save_checkpoint(partial, weights_only=False)
+    if trainer.is_global_zero:
+        os.replace(partial, path)
+    trainer.strategy.barrier("kdad_final_checkpoint")
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit, test and write metrics.json; return ``cfg.optimized_metric`` for sweepers."""
+    validate.check_train(cfg)  # config mistakes before any work
+    if cfg.resume not in ("auto", "never"):
+        raise KDADError(f"resume={cfg.resume!r}: expected auto or never")
     out = kdad_hydra.output_dir()
+    state, found = _previous(cfg, out)
+    if state == "finished":
+        log.info(
+            "%s already holds a finished run (metrics.json): skipped (resume=never, or delete "
+            "metrics.json, to train it again)",
+            out,
+        )
+        return _optimized(cfg, found)
+    if state == "unfinished":
+        log.info("resume=auto: %s holds an unfinished run; resuming from %s", out, found)
+        with open_dict(cfg):
+            cfg.ckpt_path = str(found)
     write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(int(cfg.seed), workers=True)
     kdad_wandb.prepare(cfg, out)
     fitter = ThresholdFitter(kdad_thresholds.settings(cfg.get("thresholds")))
 
-    datamodule = instantiate_data(cfg.data)
+    datamodule = validate.built("data", lambda: instantiate_data(cfg.data))
     datamodule.setup("fit")
+    # Every file the run will read, before fitting: a corrupt test image must not cost a run.
+    verify_files([datamodule.train_dataset, datamodule.val_dataset, datamodule.test_dataset])
     if datamodule.val_dataset is None and cfg.test_ckpt == "best":
         raise KDADError(
             "test_ckpt=best needs validation images: set data.val_fraction > 0 (or test_ckpt=last)"
@@ -186,14 +236,22 @@ def train(cfg: DictConfig) -> float | None:
     ):
         cfg.callbacks.model_checkpoint.monitor = None  # nothing to monitor without validation
 
-    module = build_module(cfg)
+    module = validate.built(f"model={cfg.model_name}", lambda: build_module(cfg))
+    validate.check_input_size(
+        module.net,
+        int(cfg.data.get("crop_size") or cfg.data.image_size),
+        f"model={cfg.model_name} (model.backbone={cfg.model.get('backbone')})",
+    )
     kdad_hydra.prepare_ddp_relaunch()
     speed = SpeedMonitor()
     # Without validation images, tell Lightning so instead of letting it warn about an empty loader.
-    trainer = build_trainer(
-        cfg,
-        [speed, fitter],
-        **({"limit_val_batches": 0} if datamodule.val_dataset is None else {}),
+    trainer = validate.built(
+        "trainer",
+        lambda: build_trainer(
+            cfg,
+            [speed, fitter],
+            **({"limit_val_batches": 0} if datamodule.val_dataset is None else {}),
+        ),
     )
     log_run_config(trainer, cfg, module)
 
@@ -204,7 +262,7 @@ def train(cfg: DictConfig) -> float | None:
     # The fitter has set the thresholds (on_fit_end): the final checkpoint carries them, with
     # the optimizer state (for resuming).
     final = ckpt_dir / "last.ckpt"
-    trainer.save_checkpoint(final, weights_only=False)
+    _save_final(trainer, final)
     if trainer.is_global_zero and kdad_wandb.log_model_requested(cfg):
         kdad_wandb.log_model(trainer.loggers, final, out / "config.yaml", flatten(cfg))
 
@@ -232,26 +290,54 @@ def train(cfg: DictConfig) -> float | None:
     return _optimized(cfg, write_run_results(cfg.seed, trainer, module, datamodule, speed))
 
 
+PREPROCESS_KEYS = ("image_size", "crop_size", "mask_resize")
+
+
+def checkpoint_preprocessing(cfg: DictConfig, trained: dict[str, Any]) -> None:
+    """Test as the model was trained: ``data.image_size``, ``data.crop_size`` and
+    ``data.mask_resize`` from the checkpoint, unless given on the command line (then the
+    given value is used, and the log says it differs from training)."""
+    typed = {o.split("=", 1)[0].lstrip("+~") for o in kdad_wandb.command_line()}
+    for key in PREPROCESS_KEYS:
+        if key not in trained:
+            continue
+        if f"data.{key}" in typed:
+            if cfg.data.get(key) != trained[key]:
+                log.warning(
+                    "data.%s=%s as given overrides the checkpoint's %s=%s (the model was trained with %s)",
+                    key,
+                    cfg.data.get(key),
+                    key,
+                    trained[key],
+                    trained[key],
+                )
+            continue
+        if cfg.data.get(key) != trained[key]:
+            log.info("data.%s=%s from the checkpoint (it was trained so)", key, trained[key])
+        with open_dict(cfg):
+            cfg.data[key] = trained[key]
+
+
 def evaluate(cfg: DictConfig) -> float | None:
     """Re-test a checkpoint (``ckpt_path``) and write the run's results."""
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise KDADError("kdad-eval needs ckpt_path=PATH (a checkpoint written by kdad-train)")
+    validate.resolve(cfg)
+    validate.check_numbers(cfg)
     out = kdad_hydra.output_dir()
+    module = load_module(
+        cfg.ckpt_path, expected_model=cfg.get("model_name"), allow_unsigned=bool(cfg.allow_unsigned)
+    )
+    checkpoint_preprocessing(cfg, dict(module.hparams.get("preprocess") or {}))
     write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(int(cfg.seed), workers=True)
     kdad_wandb.prepare(cfg, out)
-    module = load_module(cfg.ckpt_path, expected_model=cfg.get("model_name"))
-    trained = module.hparams.get("preprocess") or {}
-    if trained.get("image_size") not in (None, cfg.data.image_size):
-        log.warning(
-            "checkpoint was trained at image_size=%s, testing at data.image_size=%s",
-            trained["image_size"],
-            cfg.data.image_size,
-        )
-    datamodule = instantiate_data(cfg.data)
+    datamodule = validate.built("data", lambda: instantiate_data(cfg.data))
+    datamodule.setup("test")
+    verify_files([datamodule.test_dataset])
     speed = SpeedMonitor()
     kdad_hydra.prepare_ddp_relaunch()
-    trainer = build_trainer(cfg, [speed])
+    trainer = validate.built("trainer", lambda: build_trainer(cfg, [speed]))
     log_run_config(trainer, cfg, module)
     trainer.test(module, datamodule=datamodule)
     return _optimized(cfg, write_run_results(cfg.seed, trainer, module, datamodule, speed))

@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
+import string
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -88,11 +90,16 @@ def swept_keys() -> set[str] | None:
     return {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
 
 
+def command_line() -> list[str]:
+    """This job's task overrides as Hydra recorded them (empty outside Hydra)."""
+    hydra_cfg = _hydra()
+    return [str(o) for o in hydra_cfg.overrides.task] if hydra_cfg is not None else []
+
+
 def overrides() -> list[str]:
     """What tells this run apart: in a multirun, its values of the swept keys; otherwise
     its command-line overrides. Both without :data:`NOISE` and values that are paths."""
-    hydra_cfg = _hydra()
-    given = list(hydra_cfg.overrides.task) if hydra_cfg is not None else []
+    given = command_line()
     swept = swept_keys()
     kept = []
     for item in given:
@@ -101,6 +108,7 @@ def overrides() -> list[str]:
             continue
         if swept is not None and key not in swept:
             continue
+        value = {"True": "true", "False": "false", "None": "null"}.get(value, value)  # as typed
         kept.append(f"{key}={value}")
     return kept
 
@@ -147,8 +155,6 @@ def tags(*values: Any) -> list[str]:
 def run_id(output_dir: str, ckpt_path: Any = None) -> str:
     """The W&B run id of this run folder: the one kept in ``wandb_id`` (this folder's, or the
     folder of the checkpoint being resumed), else a new one, kept there for a later resume."""
-    import wandb
-
     folder = Path(output_dir)
     candidates = [folder / ID_FILE]
     if ckpt_path not in (None, "", "last"):
@@ -158,7 +164,7 @@ def run_id(output_dir: str, ckpt_path: Any = None) -> str:
     for path in candidates:
         if path.is_file() and re.fullmatch(r"[\w-]{1,64}", path.read_text().strip()):
             return path.read_text().strip()
-    new = wandb.util.generate_id()
+    new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:  # DDP: rank 0 logs
         write_text_atomic(folder / ID_FILE, new + "\n")
     return new

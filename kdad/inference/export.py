@@ -274,7 +274,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     fmt = str(cfg.get("format", "onnx"))
     if fmt not in FORMATS:
         raise KDADError(f"format={fmt}: expected one of {', '.join(FORMATS)}")
-    module = load_module(cfg.ckpt_path)
+    module = load_module(cfg.ckpt_path, allow_unsigned=bool(cfg.allow_unsigned))
     output = (
         Path(str(cfg.output)).expanduser()
         if cfg.get("output")

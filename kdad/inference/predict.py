@@ -328,10 +328,11 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     inputs = find_inputs(cfg.input, bool(cfg.get("recursive", True)))  # before the model loads
     names = output_names(inputs)
 
-    module = load_module(cfg.ckpt_path)
+    module = load_module(cfg.ckpt_path, allow_unsigned=bool(cfg.allow_unsigned))
     net = module.net.to(device).eval()
+    trained = module.hparams.get("preprocess") or {}
     preprocess = Preprocess(
-        **{k: v for k, v in (module.hparams.get("preprocess") or {}).items() if v is not None}
+        **{k: trained[k] for k in ("image_size", "crop_size") if trained.get(k) is not None}
     )
     thresholds = kdad_thresholds.override(
         module.thresholds, cfg.get("image_threshold"), cfg.get("pixel_threshold")

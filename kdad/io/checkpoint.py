@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -29,6 +30,10 @@ from torch import Tensor
 
 from kdad.errors import KDADError
 from kdad.io.atomic import atomic_path
+
+DIGEST_KEY = "sha256"
+# Metadata outside the digest: the digest itself, and the random state (resuming only).
+_UNSIGNED = (DIGEST_KEY, "state_dict_sha256", "rng")
 
 log = logging.getLogger("kdad")
 
@@ -63,11 +68,13 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 def _load_error(path: Path, exc: BaseException) -> KDADError:
     """One line saying why ``torch.load(weights_only=True)`` refused ``path``."""
     text = " ".join(str(exc).split())
-    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    # torch words the refusal "Unsupported global: GLOBAL x.y was not an allowed global" or
+    # "Trying to load unsupported GLOBAL x.y whose module x is blocked", by version and module.
+    refused = re.search(r"(?i)unsupported global:? (?:GLOBAL )?([\w.]+)", text)
     if refused:
         reason = (
-            f"it holds a pickled Python object ({refused.group(1)}), which a kdad checkpoint never "
-            "does; refused without running it (the file may be unsafe)"
+            f"this file contains pickled code ({refused.group(1)}) and was refused without running it "
+            "(a kdad checkpoint holds tensors and plain data only; the file may be unsafe)"
         )
     elif isinstance(exc, EOFError):
         reason = "the file is empty or truncated"
@@ -78,8 +85,10 @@ def _load_error(path: Path, exc: BaseException) -> KDADError:
     return KDADError(f"ckpt_path={path}: not a readable kdad checkpoint: {reason}")
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict at ``path`` (a file or a run folder), loaded with weights_only=True."""
+def read_checkpoint(path: str | Path, allow_unsigned: bool = False) -> dict[str, Any]:
+    """The checkpoint dict at ``path`` (a file or a run folder), loaded with weights_only=True
+    and checked against its digest (:func:`checkpoint_digest`): a mismatch is always an error,
+    a missing digest one unless ``allow_unsigned``."""
     path = resolve_checkpoint_path(path)
     try:
         with warnings.catch_warnings():  # the one-line error below says it better
@@ -96,11 +105,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise KDADError(
             f"ckpt_path={path}: not a kdad checkpoint (no kdad metadata; was it written by kdad-train?)"
         )
-    expected = checkpoint["kdad"].get("state_dict_sha256")
-    if expected is not None and state_dict_digest(checkpoint["state_dict"]) != expected:
+    expected = checkpoint["kdad"].get(DIGEST_KEY)
+    if expected is None:
+        if not allow_unsigned:
+            raise KDADError(
+                f"ckpt_path={path}: the checkpoint carries no integrity digest (kdad.{DIGEST_KEY}: "
+                "written by an older kdad, or removed), so changed weights, thresholds or settings "
+                "could not be detected; refused. If you trust the file, pass allow_unsigned=true"
+            )
+        log.warning("ckpt_path=%s: no integrity digest; loaded anyway (allow_unsigned=true)", path)
+    elif checkpoint_digest(checkpoint) != expected:
         raise KDADError(
-            f"ckpt_path={path}: its weights do not match the checksum recorded when it was saved "
-            "(the file was corrupted or modified)"
+            f"ckpt_path={path}: its weights, thresholds or settings do not match the digest "
+            "recorded when it was saved (the file was corrupted or modified); refused"
         )
     return checkpoint
 
@@ -118,29 +135,56 @@ def state_dict_digest(state_dict: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
+def _canonical(value: Any) -> str:
+    return json.dumps(plain(value), sort_keys=True, default=repr, allow_nan=True)
+
+
+def checkpoint_digest(checkpoint: Mapping[str, Any]) -> str:
+    """SHA-256 over what decides a checkpoint's predictions: the weights
+    (:func:`state_dict_digest`), the hyper-parameters (the model's config and the
+    preprocessing it was trained with) and kdad's metadata (model name, thresholds),
+    everything but the digest itself. Optimiser and loop state (resuming only) are not covered."""
+    meta = {k: v for k, v in dict(checkpoint.get("kdad") or {}).items() if k not in _UNSIGNED}
+    digest = hashlib.sha256()
+    digest.update(state_dict_digest(checkpoint["state_dict"]).encode())
+    digest.update(_canonical(dict(checkpoint.get("hyper_parameters") or {})).encode())
+    digest.update(_canonical(meta).encode())
+    return digest.hexdigest()
+
+
+def sign(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Record :func:`checkpoint_digest` in ``checkpoint["kdad"]`` (in place); returns it."""
+    checkpoint["kdad"][DIGEST_KEY] = checkpoint_digest(checkpoint)
+    return checkpoint
+
+
 def checkpoint_model_name(checkpoint: dict[str, Any]) -> str:
     return str(checkpoint["hyper_parameters"].get("model_name", "?"))
 
 
 def write_checkpoint(checkpoint: Mapping[str, Any], path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then move it into place."""
+    """Sign ``checkpoint`` (it was changed: e.g. thresholds added), ``torch.save`` it to a
+    temporary file beside ``path``, then move it into place."""
+    checkpoint = sign(dict(checkpoint))
     with atomic_path(path) as tmp:
-        torch.save(dict(checkpoint), tmp)
+        torch.save(checkpoint, tmp)
     return Path(path)
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
 __all__ = [
+    "checkpoint_digest",
     "checkpoint_model_name",
     "read_checkpoint",
     "resolve_checkpoint_path",
+    "sign",
     "state_dict_digest",
     "write_checkpoint",
 ]

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
@@ -109,6 +112,50 @@ class SpeedMonitor(L.Callback):
         # Under DDP: all processes' images over the slowest process's time.
         shares = _gather_objects(trainer, [(self._test_images, elapsed)])
         self.test_images_per_second = sum(n for n, _ in shares) / max(t for _, t in shares)
+
+
+class Checkpoints(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with ``last.ckpt`` written every ``every_n_epochs`` epochs
+    whatever ``save_top_k`` is, and every file written atomically.
+
+    Lightning 2.6 writes ``last.ckpt`` only when it also saves a top-k checkpoint at that
+    step, so with kdad's defaults (``save_top_k: 0``: no "best" file unless a model asks for
+    one) a killed run had nothing to resume from. Each checkpoint goes to a temporary file
+    beside its target and is moved onto it once complete, so a kill during a write leaves the
+    previous one intact.
+    """
+
+    def _save_last_due(self, trainer: L.Trainer) -> None:
+        due = self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0
+        if due and self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if not self._should_skip_saving_checkpoint(
+            trainer
+        ) and self._should_save_on_train_epoch_end(trainer):
+            self._save_last_due(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_skip_saving_checkpoint(
+            trainer
+        ) and not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_due(trainer)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        target = Path(filepath)
+        partial = target.with_name(f".{target.name}.partial")  # the same name on every rank
+        trainer.save_checkpoint(partial, self.save_weights_only)
+        if trainer.is_global_zero:
+            os.replace(partial, target)
+        trainer.strategy.barrier("kdad_checkpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
 
 class ThresholdFitter(L.Callback):

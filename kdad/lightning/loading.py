@@ -13,8 +13,8 @@ from typing import Any
 
 from kdad.errors import KDADError
 from kdad.io.checkpoint import (
-    _plain,
     checkpoint_model_name,
+    plain,
     read_checkpoint,
     resolve_checkpoint_path,
     write_checkpoint,
@@ -41,10 +41,13 @@ def _checked_model_config(path: Path, hparams: Mapping[str, Any]) -> dict[str, A
     return dict(model_cfg)
 
 
-def load_module(path: str | Path, expected_model: str | None = None) -> DistillationModule:
-    """Rebuild the LightningModule stored in ``path`` (on CPU, in eval mode)."""
+def load_module(
+    path: str | Path, expected_model: str | None = None, allow_unsigned: bool = False
+) -> DistillationModule:
+    """Rebuild the LightningModule stored in ``path`` (on CPU, in eval mode); a checkpoint
+    without kdad's digest only with ``allow_unsigned`` (see :func:`kdad.io.checkpoint.read_checkpoint`)."""
     path = resolve_checkpoint_path(path)
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, allow_unsigned=allow_unsigned)
     hparams = dict(checkpoint["hyper_parameters"])
     name = checkpoint_model_name(checkpoint)
     if expected_model is not None and name != expected_model:
@@ -91,7 +94,7 @@ def save_checkpoint(module: DistillationModule, path: str | Path) -> Path:
     """
     checkpoint: dict[str, Any] = {
         "state_dict": module.state_dict(),
-        "hyper_parameters": _plain(dict(module.hparams)),
+        "hyper_parameters": plain(dict(module.hparams)),
     }
     module.on_save_checkpoint(checkpoint)
     return write_checkpoint(checkpoint, path)

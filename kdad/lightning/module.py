@@ -27,7 +27,7 @@ from hydra.utils import get_class, instantiate
 from torch import Tensor, nn
 
 from kdad.errors import KDADError
-from kdad.io.checkpoint import state_dict_digest
+from kdad.io.checkpoint import sign
 from kdad.lightning.teacher_cache import TeacherFeatureCache
 from kdad.metrics import METRIC_LEVEL, build_metrics
 from kdad.models.base import DistillationModel
@@ -282,11 +282,11 @@ class DistillationModule(L.LightningModule):
             "train_stats": dict(self.train_stats),
             "thresholds": self.thresholds,
             "rng": self._epoch_end_rng,
-            # Lets a loader detect weights corrupted or modified after saving.
-            "state_dict_sha256": state_dict_digest(checkpoint["state_dict"])
-            if "state_dict" in checkpoint
-            else None,
         }
+        # One digest over weights, hyper-parameters and thresholds: a loader detects any of
+        # them corrupted or changed after saving (kdad.io.checkpoint).
+        if "state_dict" in checkpoint:
+            sign(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("kdad", {})

@@ -13,6 +13,7 @@ one line, never a traceback or code execution.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import pickle
 from pathlib import Path
@@ -37,7 +38,7 @@ from kdad.inference.predict import (
     predict,
     resolve_device,
 )
-from kdad.io.checkpoint import read_checkpoint
+from kdad.io.checkpoint import read_checkpoint, sign
 from kdad.lightning.loading import load_module, save_checkpoint
 from kdad.metrics.thresholds import fit_from_values, normalize, settings
 
@@ -453,30 +454,47 @@ def bad_checkpoints(trained: Path, tmp_path: Path) -> dict[str, tuple[Path, str]
     middle = len(flipped) // 2
     rotten = bytearray(good)
     rotten[middle : middle + 64] = bytes(b ^ 0xFF for b in rotten[middle : middle + 64])
-    write("bitrot.ckpt", bytes(rotten), "do not match the checksum recorded when it was saved")
+    write("bitrot.ckpt", bytes(rotten), "do not match the digest recorded when it was saved")
     write("empty.ckpt", b"", "empty or truncated")
     write("random.ckpt", np.random.default_rng(0).bytes(5000), "not a torch checkpoint file")
     save("foreign.ckpt", {"state_dict": {"w": torch.ones(2)}, "epoch": 3}, "not a kdad checkpoint")
-    save("object.ckpt", {"kdad": {}, "payload": _Payload(marker)}, "pickled Python object")
+    save("object.ckpt", {"kdad": {}, "payload": _Payload(marker)}, "contains pickled code")
     write(
         "plain_pickle.ckpt",
         pickle.dumps({"payload": _Payload(marker)}),
         "not a torch checkpoint file",
     )
     checkpoint = read_checkpoint(clean)
-    hparams, unchecked = (
-        checkpoint["hyper_parameters"],
-        {**checkpoint["kdad"], "state_dict_sha256": None},
+    hparams = checkpoint["hyper_parameters"]
+    # The one digest covers weights, thresholds and hyper-parameters: removing it is refused,
+    # changing any of them without re-signing is refused.
+    unsigned = {k: v for k, v in checkpoint["kdad"].items() if k != "sha256"}
+    save("unsigned.ckpt", {**checkpoint, "kdad": unsigned}, "carries no integrity digest")
+    moved = json.loads(json.dumps(checkpoint["kdad"]["thresholds"]))
+    moved["image"]["threshold"] = -1e9
+    save(
+        "threshold.ckpt",
+        {**checkpoint, "kdad": {**checkpoint["kdad"], "thresholds": moved}},
+        "do not match the digest",
     )
+    resized = {**hparams, "preprocess": {**hparams["preprocess"], "image_size": 32}}
+    save("preprocess.ckpt", {**checkpoint, "hyper_parameters": resized}, "do not match the digest")
+    # A digest can be recomputed by whoever edits the file (integrity, not authenticity): the
+    # checks behind it must hold on their own. These are re-signed.
+    unchecked = checkpoint["kdad"]
+
+    def save_signed(name: str, checkpoint: dict, words: str) -> None:
+        save(name, sign(checkpoint), words)
+
     # Hyper-parameters that would make Hydra call something else than a kdad variant.
     touch = {"_target_": "pathlib.Path.touch", "self": str(marker)}
-    save(
+    save_signed(
         "target.ckpt",
         {"state_dict": {}, "kdad": unchecked, "hyper_parameters": {**hparams, "model": touch}},
         "is not a kdad variant; refusing to build it",
     )
     nested_model = {**hparams["model"], "anomaly_map": touch}
-    save(
+    save_signed(
         "nested.ckpt",
         {
             "state_dict": {},
@@ -488,7 +506,7 @@ def bad_checkpoints(trained: Path, tmp_path: Path) -> dict[str, tuple[Path, str]
     state = dict(checkpoint["state_dict"])
     key = next(k for k in state if k.startswith("net.decoder") and state[k].ndim == 4)
     state[key] = torch.zeros(1, 1, 1, 1)
-    save(
+    save_signed(
         "reshaped.ckpt",
         {**checkpoint, "state_dict": state, "kdad": unchecked},
         "weights do not fit the model=rd",
@@ -504,6 +522,10 @@ def test_bad_checkpoints_give_one_line_and_run_nothing(trained: Path, tmp_path: 
         message = str(caught.value)
         assert words in message and "\n" not in message and len(message) < 400, (name, message)
     assert not (tmp_path / "EXECUTED").exists()
+    # A file the user trusts loads unsigned on request; a changed one never does.
+    assert load_module(tmp_path / "unsigned.ckpt", allow_unsigned=True).thresholds
+    with pytest.raises(KDADError, match="do not match the digest"):
+        load_module(tmp_path / "threshold.ckpt", allow_unsigned=True)
     with pytest.raises(KDADError, match="no such file"):
         load_module(tmp_path / "missing.ckpt")
     with pytest.raises(KDADError, match=r"without checkpoints/last\.ckpt"):
@@ -526,7 +548,7 @@ def test_predict_cli_rejects_a_tampered_checkpoint(env, tmp_path: Path) -> None:
     )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kdad: error:")]
     assert (
-        len(errors) == 1 and "pickled Python object" in errors[0] and "Traceback" not in proc.stderr
+        len(errors) == 1 and "contains pickled code" in errors[0] and "Traceback" not in proc.stderr
     )
     assert not (tmp_path / "EXECUTED").exists()
 
