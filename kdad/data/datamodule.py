@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -56,7 +57,9 @@ class AnomalyDataModule(L.LightningDataModule):
     ``test_fraction`` (folder layout) is the share of ``normal_dir`` held out as normal test
     images when no ``normal_test_dir`` is given (default 0.2). ``mask_resize``: how test masks
     are resampled to the input size, ``nearest`` or ``bilinear`` then ``> 0.5`` (the official
-    RD4AD code), see :class:`~kdad.data.transforms.Preprocess`.
+    RD4AD code), see :class:`~kdad.data.transforms.Preprocess`. ``pin_memory``: the loaders'
+    page-locked batches (faster copies to a GPU), ``true``, ``false`` or ``auto`` (when the
+    trainer runs on a CUDA device; without a trainer, when CUDA is available).
     """
 
     def __init__(
@@ -77,7 +80,7 @@ class AnomalyDataModule(L.LightningDataModule):
         normal_test_dir: str | None = None,
         test_fraction: float | None = None,
         synthetic: Mapping | None = None,
-        pin_memory: bool = False,
+        pin_memory: bool | str = "auto",
         cache: bool | str = "auto",
         cache_max_gb: float = 4.0,
         mask_resize: str = "nearest",
@@ -124,7 +127,10 @@ class AnomalyDataModule(L.LightningDataModule):
         self.layout, self.root, self.category = layout, str(root), category
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.num_workers = num_workers
+        if pin_memory not in (True, False, "auto"):
+            raise KDADError(f"data.pin_memory={pin_memory!r}: expected true, false or auto")
+        self._pin_memory = pin_memory
         if cache not in (True, False, "auto"):
             raise KDADError(f"data.cache={cache!r}: expected true, false or auto")
         self.cache, self.cache_max_gb = cache, float(cache_max_gb)
@@ -153,6 +159,16 @@ class AnomalyDataModule(L.LightningDataModule):
         if self.train_dataset is None:
             self.setup()
         return len(self.train_dataset)
+
+    @property
+    def pin_memory(self) -> bool:
+        """``data.pin_memory`` with ``auto`` decided: pinned only for a CUDA device."""
+        if self._pin_memory != "auto":
+            return bool(self._pin_memory)
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
 
     def prepare_data(self) -> None:
         """Generate synthetic data once (Lightning calls this on one process only)."""
