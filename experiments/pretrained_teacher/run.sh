@@ -27,10 +27,10 @@ study() {  # study <name> <kdad-train overrides...>
   "$BIN/kdad-aggregate" "$sweep" > /dev/null
   cp "$sweep"/aggregate.md "$sweep"/aggregate.csv "$sweep"/aggregate_bars.png "$dest"/
   cp "$sweep"/heatmaps_*.png "$dest"/ 2>/dev/null || true
-  "$BIN/python" $HERE/subtle.py "$sweep" --by model_name ${BY:-} > "$dest/per_defect.md"
+  "$BIN/python" $HERE/subtle.py "$sweep" --by model ${BY:-} > "$dest/per_defect.md"
   cat > "$dest/RUN.md" <<INFO
 commit: $COMMIT
-command: kdad-train experiment=pretrained_teacher data.category=$CATEGORIES seed=$SEEDS $* hydra.sweep.dir=$sweep && kdad-aggregate $sweep && python $HERE/subtle.py $sweep --by model_name ${BY:-}
+command: kdad-train experiment=pretrained_teacher data.category=$CATEGORIES seed=$SEEDS $* hydra.sweep.dir=$sweep && kdad-aggregate $sweep && python $HERE/subtle.py $sweep --by model ${BY:-}
 hardware: $(nproc) CPU cores ($(uname -m), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU; torch $("$BIN/python" -c 'import torch; print(torch.__version__)'), OMP_NUM_THREADS=$OMP_NUM_THREADS
 wall time of the sweep: ${took} s
 INFO

@@ -10,6 +10,7 @@ naming the group), the trainer's constructor (wrapped the same way), or :func:`c
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -105,9 +106,15 @@ def built(what: str, build: Callable[[], T]) -> T:
         ) from None
 
 
-def _forward_ok(net: Any, size: int) -> bool:
+def _forward_ok(probe: Any, size: int) -> bool:
+    """Both passes a run makes: the training loss (train mode, a batch of 2: BatchNorm needs
+    more than one value per channel) and the test prediction (eval mode)."""
+    images = torch.zeros(2, 3, size, size)
     try:
-        net.predict(torch.zeros(1, 3, size, size))
+        probe.train()
+        probe.loss(probe(images))
+        probe.eval()
+        probe.predict(images[:1])
     except (RuntimeError, ValueError, IndexError, ZeroDivisionError):
         return False
     return True
@@ -115,16 +122,13 @@ def _forward_ok(net: Any, size: int) -> bool:
 
 @torch.no_grad()
 def check_input_size(net: Any, size: int, what: str) -> None:
-    """A dry forward pass at the network's input size (``data.crop_size`` or
-    ``data.image_size``); if it fails, name the smallest size that works (16-px steps)."""
-    was_training = net.training
-    net.eval()
-    try:
-        if _forward_ok(net, size):
-            return
-        smallest = next((s for s in range(16, 1025, 16) if _forward_ok(net, s)), None)
-    finally:
-        net.train(was_training)
+    """Dry passes at the network's input size (``data.crop_size`` or ``data.image_size``), on a
+    copy (the run's BatchNorm statistics are untouched); if they fail, name the smallest size
+    that works (16-px steps)."""
+    probe = copy.deepcopy(net)
+    if _forward_ok(probe, size):
+        return
+    smallest = next((s for s in range(16, 1025, 16) if _forward_ok(probe, s)), None)
     hint = (
         f"the smallest that works is {smallest} px (tried in 16-px steps; the papers use 256)"
         if smallest

@@ -64,7 +64,7 @@ def test_kill_9_then_resume_with_the_shipped_callbacks_reaches_the_same_weights(
     last = killed / "checkpoints" / "last.ckpt"
     proc = _start([*args, f"hydra.run.dir={killed}"], env, tmp_path)
     _kill_when(proc, last.is_file)  # epoch 1's checkpoint exists: killed in epoch 2
-    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] >= 1
+    assert 0 < torch.load(last, map_location="cpu", weights_only=True)["global_step"] < 12
     # The documented resume: the same folder, ckpt_path=last.
     proc = run(
         "kdad.cli.train", [*args, "ckpt_path=last", f"hydra.run.dir={killed}"], env, tmp_path
@@ -168,7 +168,7 @@ def test_a_corrupt_test_image_is_found_before_training(env: dict[str, str], tmp_
         num_test_good=6,
         num_test_per_defect=2,
     )
-    bad = sorted((root / "test").rglob("*.png"))[-1]
+    bad = sorted((root / "dots" / "test").rglob("*.png"))[-1]
     bad.write_bytes(bad.read_bytes()[:100])  # truncated
     out = tmp_path / "run"
     proc = run(
@@ -216,7 +216,7 @@ def test_sweep_with_a_killed_and_a_failing_job_continues_when_run_again(
         num_test_good=6,
         num_test_per_defect=2,
     )
-    bad = sorted((root / "test" / "good").glob("*.png"))[0]
+    bad = sorted((root / "wood" / "test" / "good").glob("*.png"))[0]
     bad.write_bytes(b"not a png")
     sweep = tmp_path / "sweep"
     args = [

@@ -50,7 +50,7 @@ def tiny_module(variant: str) -> DistillationModule:
             ],
         )
     torch.manual_seed(0)
-    module = build_module(cfg, None)
+    module = build_module(cfg)
     images = [{"image": torch.randn(3, SIZE, SIZE)} for _ in range(6)]
     module.net.before_fit(DataLoader(images, batch_size=4))  # NFERD: fills the feature bank
     module.thresholds = {

@@ -38,7 +38,7 @@ from kdad.inference.predict import (
     predict,
     resolve_device,
 )
-from kdad.io.checkpoint import read_checkpoint, sign
+from kdad.io.checkpoint import read_checkpoint, sign, write_checkpoint
 from kdad.lightning.loading import load_module, save_checkpoint
 from kdad.metrics.thresholds import fit_from_values, normalize, settings
 
@@ -328,7 +328,7 @@ def test_checkpoint_without_thresholds_gives_scores_only(
     checkpoint = read_checkpoint(trained)
     checkpoint["kdad"]["thresholds"] = None  # as trained with data.val_fraction=0
     bare = tmp_path / "bare.ckpt"
-    torch.save(checkpoint, bare)
+    write_checkpoint(checkpoint, bare)  # kdad's writer: re-signed
     image = str(datamodule.test_dataset.samples[0].image_path)
     rows = call_predict(
         {"ckpt_path": str(bare), "input": image, "overlays": True}, tmp_path, monkeypatch
