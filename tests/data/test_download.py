@@ -123,6 +123,15 @@ def archives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
             info = tarfile.TarInfo(name)
             info.size = 3
             archive.addfile(info, io.BytesIO(b"abc"))
+    # A top folder that is a link to "." (the tree then seems to hold itself): links are refused.
+    linked = io.BytesIO()
+    with tarfile.open(fileobj=linked, mode="w:gz") as archive:
+        for path in sorted(mvtec.rglob("*")):
+            if path.is_file():
+                archive.add(path, arcname=f"mvtec/{path.relative_to(mvtec)}")
+        info = tarfile.TarInfo("mvtec/data")
+        info.type, info.linkname = tarfile.SYMTYPE, "."
+        archive.addfile(info)
     (base / "other" / "readme.txt").parent.mkdir(parents=True)
     (base / "other" / "readme.txt").write_text("not a dataset")
     return {
@@ -131,6 +140,7 @@ def archives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
         "cut.tar.gz": noisy_tgz[: int(len(noisy_tgz) * 0.6)],
         "unsafe.tar.gz": unsafe.getvalue(),
         "other.tar.gz": tar_gz(base / "other"),
+        "linked.tar.gz": linked.getvalue(),
     }
 
 
@@ -223,6 +233,7 @@ def test_interrupted_download_keeps_nothing_and_is_never_resumed(
         ("cut.tar.gz", "cannot extract"),  # fails half-way through extraction
         ("unsafe.tar.gz", "cannot extract"),  # a member outside the folder
         ("other.tar.gz", "does not hold the mvtec layout"),
+        ("linked.tar.gz", "holds a symbolic link"),
     ],
 )
 def test_failed_extraction_leaves_no_half_tree(
