@@ -11,6 +11,7 @@ naming the group), the trainer's constructor (wrapped the same way), or :func:`c
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ from omegaconf.errors import (
     MissingMandatoryValue,
     OmegaConfBaseException,
 )
+from torch.utils.data import DataLoader
 
 from kdad.errors import KDADError, one_line
 
@@ -106,35 +108,44 @@ def built(what: str, build: Callable[[], T]) -> T:
         ) from None
 
 
-def _forward_ok(probe: Any, size: int) -> bool:
-    """Both passes a run makes: the training loss (train mode, a batch of 2: BatchNorm needs
-    more than one value per channel) and the test prediction (eval mode)."""
+def _forward_ok(probe: Any, size: int) -> str | None:
+    """Both passes a run makes, on zeros: the training loss (train mode, a batch of 2:
+    BatchNorm needs more than one value per channel) and the test prediction (eval mode),
+    after the model's ``before_fit`` (NFERD fills its bank) from zero images. Returns why
+    they fail, or None."""
     images = torch.zeros(2, 3, size, size)
+    previous = logging.getLogger("kdad").level
+    logging.getLogger("kdad").setLevel(logging.ERROR)  # "the bank holds all of them", etc.
     try:
+        top_k = max(int(getattr(probe, "nfb_top_k", 1) or 1), 1)
+        probe.before_fit(DataLoader([images[0]] * top_k, batch_size=top_k))
         probe.train()
         probe.loss(probe(images))
         probe.eval()
         probe.predict(images[:1])
-    except (RuntimeError, ValueError, IndexError, ZeroDivisionError):
-        return False
-    return True
+    except (KDADError, RuntimeError, ValueError, IndexError, ZeroDivisionError) as exc:
+        return f"{type(exc).__name__}: {one_line(exc)[:160]}"
+    finally:
+        logging.getLogger("kdad").setLevel(previous)
+    return None
 
 
 @torch.no_grad()
 def check_input_size(net: Any, size: int, what: str) -> None:
     """Dry passes at the network's input size (``data.crop_size`` or ``data.image_size``), on a
-    copy (the run's BatchNorm statistics are untouched); if they fail, name the smallest size
-    that works (16-px steps)."""
+    copy (the run's weights, buffers and BatchNorm statistics are untouched); if they fail,
+    name the smallest size that works (16-px steps)."""
     probe = copy.deepcopy(net)
-    if _forward_ok(probe, size):
+    reason = _forward_ok(probe, size)
+    if reason is None:
         return
-    smallest = next((s for s in range(16, 1025, 16) if _forward_ok(probe, s)), None)
-    hint = (
-        f"the smallest that works is {smallest} px (tried in 16-px steps; the papers use 256)"
-        if smallest
-        else "no size up to 1024 px works"
+    smallest = next((s for s in range(16, 1025, 16) if _forward_ok(probe, s) is None), None)
+    if smallest is None:
+        raise KDADError(f"{what} cannot run at data.image_size/crop_size={size} ({reason})")
+    raise KDADError(
+        f"data.image_size/crop_size={size} does not fit {what}: the smallest that works is "
+        f"{smallest} px (tried in 16-px steps; the papers use 256)"
     )
-    raise KDADError(f"data.image_size/crop_size={size} does not fit {what}: {hint}")
 
 
 __all__ = ["built", "check_input_size", "check_numbers", "check_train", "resolve"]

@@ -166,11 +166,13 @@ class NormalFeatureBank(nn.Module):
         if self.recall == "flattened":
             sim = F.normalize(student.flatten(1), dim=1) @ F.normalize(bank.flatten(1), dim=1).T
             return sim, bank
-        # Channels innermost (free for channels_last maps): (B, 1, P, C) * (N, P, C), sum over C.
-        b, c, h, w = student.shape
-        queries = F.normalize(student, dim=1).permute(0, 2, 3, 1).reshape(b, 1, h * w, c)
-        keys = F.normalize(bank, dim=1).permute(0, 2, 3, 1).reshape(-1, h * w, c)
-        return (queries * keys).sum(-1).view(b, -1, h, w), bank
+        # One small matrix product per position: (P, B, C) @ (P, C, N) -> (P, B, N). A batched
+        # GEMM, not a (B, N, P, C) broadcast product (experiments/benchmark: NFERD's step cost).
+        b, _, h, w = student.shape
+        queries = F.normalize(student, dim=1).flatten(2).permute(2, 0, 1)
+        keys = F.normalize(bank, dim=1).flatten(2).permute(2, 1, 0)
+        sim = torch.bmm(queries, keys)  # (P, B, N)
+        return sim.permute(1, 2, 0).reshape(b, -1, h, w), bank
 
     @property
     def scale(self) -> Tensor | float:
