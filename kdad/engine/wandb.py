@@ -226,8 +226,11 @@ def log_model(loggers: Sequence[Any], checkpoint: Path, config_file: Path, confi
 
     for logger in wandb_loggers(loggers):
         run = logger.experiment
+        # W&B allows 100 metadata keys: the flattened config goes in as one entry.
         artifact = wandb.Artifact(
-            f"model-{run.id}", type="model", metadata={k: v for k, v in config.items()}
+            f"model-{run.id}",
+            type="model",
+            metadata={"model_name": config.get("model_name"), "config": dict(config)},
         )
         artifact.add_file(str(checkpoint), name=checkpoint.name)
         artifact.add_file(str(config_file), name=config_file.name)

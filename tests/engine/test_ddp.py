@@ -34,6 +34,7 @@ def _scores(folder: Path) -> list[tuple[str, float]]:
         return [(row["path"], float(row["score"])) for row in csv.DictReader(handle)]
 
 
+@pytest.mark.slow  # ~20-30 s each on 2 CPU cores: make test-all
 def test_ddp_sim_eval_equals_single_process(
     checkpoint: Path, env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -66,6 +67,7 @@ def test_ddp_sim_eval_equals_single_process(
     assert len(list((ddp / "images").glob("*.png"))) == 16  # written once, by rank 0
 
 
+@pytest.mark.slow  # ~20-30 s each on 2 CPU cores: make test-all
 def test_ddp_sim_training_in_a_multirun_keeps_one_folder_per_run(
     env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from clirun import TINY, run
 
 QUIET = ["logger=none", "callbacks=none"]
 
 
+@pytest.mark.slow  # ~20-30 s each on 2 CPU cores: make test-all
 def test_submitit_local_two_job_sweep_completes(env: dict[str, str], tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     run(
@@ -46,6 +48,7 @@ def test_failing_job_does_not_stop_the_sweep_and_is_reported_missing(
     assert len(table) == 1 + 2  # header, the stripes row, the mean row: the failure is not a zero
 
 
+@pytest.mark.slow  # ~20-30 s each on 2 CPU cores: make test-all
 def test_optuna_search_runs_two_trials(env: dict[str, str], tmp_path: Path) -> None:
     sweep = tmp_path / "optuna"
     args = [

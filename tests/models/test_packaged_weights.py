@@ -46,9 +46,10 @@ def test_lite_classifies_a_shipped_photo_as_imagenet_does(version: int) -> None:
         probs = model(x[None]).softmax(dim=1)[0]
     assert int(probs.argmax()) == MILITARY_UNIFORM
     assert float(probs[MILITARY_UNIFORM]) > 0.3
+    torch.manual_seed(0)  # a random network can be confident about some class; not this one
     random = timm.create_model(name).eval()
     with torch.no_grad():
-        assert float(random(x[None]).softmax(dim=1)[0].max()) < 0.05
+        assert float(random(x[None]).softmax(dim=1)[0][MILITARY_UNIFORM]) < 0.05
 
 
 def test_teacher_sees_its_own_normalisation_and_matches_the_classifier_trunk() -> None:
