@@ -7,11 +7,13 @@ STAMP := $(VENV)/.kdad-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train test lint format bench clean
+.PHONY: help install train test test-all lint format bench clean
 
 help:
 	@echo "make train   set up .venv and run the built-in demo (synthetic data, CPU, a few minutes)"
-	@echo "make test    set up .venv and run the test suite"
+	@echo "make test    set up .venv and run the test suite (tests marked slow deselected)"
+	@echo "make test-all  the suite including tests marked slow (DDP simulation, plugin sweeps)"
+	@echo "make bench   the benchmarks of experiments/benchmark on this machine (DEVICE=cpu|cuda)"
 	@echo "make lint    ruff check + format check;  make format: apply ruff's fixes and formatting"
 
 $(BIN)/python:
@@ -30,6 +32,14 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: install
+	$(BIN)/python -m pytest -m "slow or not slow" $(PYTEST_ARGS)
+
+# The benchmarks (experiments/benchmark/README.md); the anomalib comparison needs the [bench] extra.
+DEVICE ?= cpu
+bench: install
+	PATH="$(abspath $(BIN)):$$PATH" bash experiments/benchmark/run_all.sh $(DEVICE)
 
 lint: install
 	$(BIN)/ruff check .
