@@ -4,29 +4,10 @@ kdad-download data=mvtec data.root=~/data/mvtec
 kdad-download data=btad data.root=~/data/btad archive=/downloads/BTech_Dataset_transformed.zip
 """
 
-from __future__ import annotations
+from kdad.data.download import download
+from kdad.engine.hydra import entry_point
 
-from typing import Any
-
-import hydra
-from omegaconf import DictConfig
-
-from kdad.config import CONFIG_DIR
-from kdad.data.download import download as task
-from kdad.engine import hydra as kdad_hydra
-
-kdad_hydra.register_resolvers()
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="download")
-def _hydra_main(cfg: DictConfig) -> Any:
-    return kdad_hydra.guarded(task)(cfg)
-
-
-def main() -> None:
-    _hydra_main()
-    kdad_hydra.exit_if_failed()
-
+main = entry_point(download, "download", __spec__.name)
 
 if __name__ == "__main__":
     main()

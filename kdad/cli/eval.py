@@ -6,29 +6,10 @@ The variant, its weights and its preprocessing come from the checkpoint (``ckpt_
 be a kdad-train run folder). Naming a model (``model=rd``) checks that the checkpoint is one.
 """
 
-from __future__ import annotations
+from kdad.engine.hydra import entry_point
+from kdad.engine.run import evaluate
 
-from typing import Any
-
-import hydra
-from omegaconf import DictConfig
-
-from kdad.config import CONFIG_DIR
-from kdad.engine import hydra as kdad_hydra
-from kdad.engine.run import evaluate as task
-
-kdad_hydra.register_resolvers()
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def _hydra_main(cfg: DictConfig) -> Any:
-    return kdad_hydra.guarded(task)(cfg)
-
-
-def main() -> None:
-    _hydra_main()
-    kdad_hydra.exit_if_failed()
-
+main = entry_point(evaluate, "eval", __spec__.name)
 
 if __name__ == "__main__":
     main()

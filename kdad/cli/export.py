@@ -3,29 +3,10 @@
 kdad-export ckpt_path=logs/train/runs/<run> format=onnx
 """
 
-from __future__ import annotations
+from kdad.engine.hydra import entry_point
+from kdad.inference.export import export
 
-from typing import Any
-
-import hydra
-from omegaconf import DictConfig
-
-from kdad.config import CONFIG_DIR
-from kdad.engine import hydra as kdad_hydra
-from kdad.inference.export import export as task
-
-kdad_hydra.register_resolvers()
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
-def _hydra_main(cfg: DictConfig) -> Any:
-    return kdad_hydra.guarded(task)(cfg)
-
-
-def main() -> None:
-    _hydra_main()
-    kdad_hydra.exit_if_failed()
-
+main = entry_point(export, "export", __spec__.name)
 
 if __name__ == "__main__":
     main()

@@ -4,29 +4,10 @@ kdad-predict ckpt_path=logs/train/runs/<run> input=/line7/today
 kdad-predict ckpt_path=logs/train/runs/<run> input='/line7/*/cam2_*.png' device=cuda
 """
 
-from __future__ import annotations
+from kdad.engine.hydra import entry_point
+from kdad.inference.predict import predict
 
-from typing import Any
-
-import hydra
-from omegaconf import DictConfig
-
-from kdad.config import CONFIG_DIR
-from kdad.engine import hydra as kdad_hydra
-from kdad.inference.predict import predict as task
-
-kdad_hydra.register_resolvers()
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
-def _hydra_main(cfg: DictConfig) -> Any:
-    return kdad_hydra.guarded(task)(cfg)
-
-
-def main() -> None:
-    _hydra_main()
-    kdad_hydra.exit_if_failed()
-
+main = entry_point(predict, "predict", __spec__.name)
 
 if __name__ == "__main__":
     main()

@@ -187,3 +187,28 @@ def instantiate_group(
         elif isinstance(conf, DictConfig):
             log.debug("%s.%s has no _target_; skipped", what, name)
     return objects
+
+
+def entry_point(
+    task: Callable[[DictConfig], Any], config_name: str, module: str
+) -> Callable[[], None]:
+    """A command's ``main``: compose ``config_name`` (the shipped conf/ and any user config
+    folder), run ``task`` under :func:`guarded`, exit 2 if any job failed. ``module`` is the
+    command's module (its ``__spec__.name``), from which Hydra names the job (``train``, ...)."""
+    import hydra
+
+    from kdad.config import CONFIG_DIR
+
+    register_resolvers()
+
+    def job(cfg: DictConfig) -> Any:
+        return guarded(task)(cfg)
+
+    job.__module__ = module
+    composed = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(job)
+
+    def main() -> None:
+        composed()
+        exit_if_failed()
+
+    return main

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from kdad.errors import KDADError
 from kdad.io.atomic import write_json_atomic, write_text_atomic
 from kdad.io.checkpoint import checkpoint_model_name, read_checkpoint, write_checkpoint
 from kdad.io.results import build_results
-from kdad.lightning.callbacks import SpeedMonitor, ThresholdFitter
+from kdad.lightning.callbacks import SpeedMonitor, ThresholdFitter, save_checkpoint_atomically
 from kdad.lightning.loading import load_module
 from kdad.lightning.module import DistillationModule
 from kdad.metrics import thresholds as kdad_thresholds
@@ -189,20 +188,9 @@ def _previous(cfg: DictConfig, out: Path) -> tuple[str, Any]:
     return ("unfinished", last) if last.is_file() else ("new", None)
 
 
-def _save_final(trainer: L.Trainer, path: Path) -> None:
-    """``trainer.save_checkpoint`` to a temporary file, then moved onto ``path`` (atomic)."""
-    partial = path.with_name(f".{path.name}.partial")
-    trainer.save_checkpoint(partial, weights_only=False)
-    if trainer.is_global_zero:
-        os.replace(partial, path)
-    trainer.strategy.barrier("kdad_final_checkpoint")
-
-
 def train(cfg: DictConfig) -> float | None:
     """Fit, test and write metrics.json; return ``cfg.optimized_metric`` for sweepers."""
     validate.check_train(cfg)  # config mistakes before any work
-    if cfg.resume not in ("auto", "never"):
-        raise KDADError(f"resume={cfg.resume!r}: expected auto or never")
     out = kdad_hydra.output_dir()
     state, found = _previous(cfg, out)
     if state == "finished":
@@ -262,7 +250,7 @@ def train(cfg: DictConfig) -> float | None:
     # The fitter has set the thresholds (on_fit_end): the final checkpoint carries them, with
     # the optimizer state (for resuming).
     final = ckpt_dir / "last.ckpt"
-    _save_final(trainer, final)
+    save_checkpoint_atomically(trainer, final, weights_only=False)
     if trainer.is_global_zero and kdad_wandb.log_model_requested(cfg):
         kdad_wandb.log_model(trainer.loggers, final, out / "config.yaml", flatten(cfg))
 

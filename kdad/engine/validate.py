@@ -86,8 +86,9 @@ def check_train(cfg: DictConfig) -> None:
     """What kdad-train checks before loading any data."""
     resolve(cfg)
     check_numbers(cfg)
-    if cfg.get("test_ckpt") not in ("last", "best"):
-        raise KDADError(f"test_ckpt={cfg.get('test_ckpt')!r}: expected last or best")
+    for key, valid in (("test_ckpt", ("last", "best")), ("resume", ("auto", "never"))):
+        if cfg.get(key) not in valid:
+            raise KDADError(f"{key}={cfg.get(key)!r}: expected {' or '.join(valid)}")
 
 
 def built(what: str, build: Callable[[], T]) -> T:

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -70,24 +71,30 @@ def _hydra() -> Any | None:
         return None
 
 
-def swept_keys() -> set[str] | None:
+def swept_keys() -> frozenset[str] | None:
     """The keys a multirun sweeps (several values on its command line or in the experiment's
     ``hydra.sweeper.params``), read from the sweep's ``multirun.yaml`` (any launcher writes
     it before the jobs start); None outside a multirun or when it cannot be read."""
     hydra_cfg = _hydra()
     if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
         return None
+    return _swept_keys_of(str(hydra_cfg.sweep.dir))
+
+
+@functools.cache
+def _swept_keys_of(sweep_dir: str) -> frozenset[str] | None:
+    """(Read once per sweep: the run's name, tags and logged overrides all need it.)"""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
-        sweep = OmegaConf.load(Path(str(hydra_cfg.sweep.dir)) / "multirun.yaml")
+        sweep = OmegaConf.load(Path(sweep_dir) / "multirun.yaml")
         items = [str(o) for o in sweep.hydra.overrides.task]
         params = sweep.hydra.sweeper.get("params") or {}
         items += [f"{key}={value}" for key, value in params.items()]
         parsed = OverridesParser.create().parse_overrides(items)
     except Exception:  # an unreadable file only costs the short names
         return None
-    return {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
+    return frozenset(o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override())
 
 
 def command_line() -> list[str]:

@@ -114,6 +114,18 @@ class SpeedMonitor(L.Callback):
         self.test_images_per_second = sum(n for n, _ in shares) / max(t for _, t in shares)
 
 
+def save_checkpoint_atomically(trainer: L.Trainer, path: str | Path, weights_only: bool) -> None:
+    """``trainer.save_checkpoint`` to a temporary file beside ``path`` (the same name on every
+    rank: the strategy writes on rank 0), moved onto ``path`` once complete: a kill during the
+    write leaves the previous file intact."""
+    target = Path(path)
+    partial = target.with_name(f".{target.name}.partial")
+    trainer.save_checkpoint(partial, weights_only)
+    if trainer.is_global_zero:
+        os.replace(partial, target)
+    trainer.strategy.barrier("kdad_checkpoint")
+
+
 class Checkpoints(ModelCheckpoint):
     """Lightning's ModelCheckpoint, with ``last.ckpt`` written every ``every_n_epochs`` epochs
     whatever ``save_top_k`` is, and every file written atomically.
@@ -145,12 +157,7 @@ class Checkpoints(ModelCheckpoint):
             self._save_last_due(trainer)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        target = Path(filepath)
-        partial = target.with_name(f".{target.name}.partial")  # the same name on every rank
-        trainer.save_checkpoint(partial, self.save_weights_only)
-        if trainer.is_global_zero:
-            os.replace(partial, target)
-        trainer.strategy.barrier("kdad_checkpoint")
+        save_checkpoint_atomically(trainer, filepath, self.save_weights_only)
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:
@@ -299,9 +306,18 @@ class ScoreWriter(L.Callback):
         preprocess = getattr(trainer.datamodule, "preprocess", None)
         if _wandb_loggers(trainer) and self.max_thumbnails > 0 and preprocess is not None:
             for i, path in enumerate(batch["path"]):
+                # The test split is in path order and "index" is the position in it: keep only
+                # every step-th image's thumbnail, the ones the table shows.
+                if int(batch["index"][i]) % self._thumbnail_step(trainer) != 0:
+                    continue
                 image = Image.fromarray(preprocess.denormalize(batch["image"][i].cpu()))
                 image.thumbnail((self.thumbnail_size, self.thumbnail_size))
                 self._thumbs[str(path)] = np.asarray(image)
+
+    def _thumbnail_step(self, trainer: L.Trainer) -> int:
+        dataset = getattr(trainer.datamodule, "test_dataset", None)
+        count = len(dataset) if dataset is not None else 0
+        return max(1, -(-count // self.max_thumbnails))
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rows = sorted(_gather_objects(trainer, self._rows))  # every process's share, in path order
@@ -327,13 +343,11 @@ class ScoreWriter(L.Callback):
         import wandb
 
         image_level = (fitted or {}).get("image")
-        step = max(1, -(-len(rows) // max(self.max_thumbnails, 1)))
-        shown = {row[0] for row in rows[::step][: self.max_thumbnails]}
         data = []
         for path, defect, label, score in rows:
             normalized = thresholds.normalize(score, image_level) if image_level else None
             predicted = int(score > image_level["threshold"]) if image_level else None
-            thumb = thumbs.get(path) if path in shown else None
+            thumb = thumbs.get(path)
             data.append(
                 [
                     path,
