@@ -9,8 +9,8 @@ Hydra, a threshold setting left out) reads it from that YAML through :func:`defa
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Iterable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,13 @@ from kdad.errors import KDADError
 
 
 def _config_dir() -> Path:
-    try:  # an installed package (wheel or editable): kdad.conf
-        return Path(str(resources.files("kdad.conf")))
-    except ModuleNotFoundError:  # a checkout on sys.path without installing: conf/ beside kdad/
-        return Path(__file__).resolve().parent.parent / "conf"
+    # An installed package (wheel or editable) has kdad.conf, a namespace package (YAML only):
+    # its folder is its one search location (importlib.resources would give a MultiplexedPath).
+    spec = importlib.util.find_spec("kdad.conf")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    # A checkout on sys.path without installing: conf/ beside kdad/.
+    return Path(__file__).resolve().parent.parent / "conf"
 
 
 # An absolute folder, given to ``hydra.main(config_path=...)``; users add their own config

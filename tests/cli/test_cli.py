@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clirun import DATA, TINY, run
+from clirun import DATA, TINY, run, run_in_process
 from wandb_reader import find_run_files, read_run
 
 from kdad.io.results import RESULT_KEYS
@@ -81,7 +81,7 @@ def test_eval_rejects_a_checkpoint_of_another_variant(
     trained_run: Path, env: dict[str, str], tmp_path: Path
 ) -> None:
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    proc = run(
+    proc = run_in_process(
         "kdad.cli.eval",
         [*DATA, "model=stfpm", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}"],
         env,
@@ -168,7 +168,7 @@ def test_user_errors_are_one_line_without_traceback(
         if "data=" not in " ".join(overrides)
         else [a for a in TINY if not a.startswith("data.synthetic")]
     )
-    proc = run(
+    proc = run_in_process(  # the command's main() in this process: it stops before training
         "kdad.cli.train", [*base, *overrides, f"hydra.run.dir={tmp_path}"], env, tmp_path, expect=2
     )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kdad: error:")]
@@ -186,7 +186,7 @@ def test_unreadable_training_image_is_named(env: dict[str, str], tmp_path: Path)
     for i in range(6):
         Image.new("RGB", (32, 32), (i * 20, 90, 120)).save(root / "good" / f"{i}.png")
     (root / "good" / "broken.png").write_bytes(b"this is not a png")
-    proc = run(
+    proc = run_in_process(
         "kdad.cli.train",
         [
             *[a for a in TINY if not a.startswith("data.synthetic")],

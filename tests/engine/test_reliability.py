@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clirun import DATA, TINY, run
+from clirun import DATA, TINY, run, run_in_process
 from inprocess import assert_same_weights
 
 from kdad.data.synthetic import ensure_synthetic
@@ -150,7 +150,8 @@ def test_config_mistakes_are_one_line_before_any_work(
 ) -> None:
     base = TINY if overrides != ["data=folder"] else [a for a in TINY if "synthetic" not in a]
     args = [*base, "logger=none", *overrides, f"hydra.run.dir={tmp_path}"]
-    proc = run("kdad.cli.train", args, env, tmp_path, expect=2)
+    # In this process (the command's own main(), no start-up): the checks stop before training.
+    proc = run_in_process("kdad.cli.train", args, env, tmp_path, expect=2)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kdad: error:")]
     assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
@@ -171,7 +172,7 @@ def test_a_corrupt_test_image_is_found_before_training(env: dict[str, str], tmp_
     bad = sorted((root / "dots" / "test").rglob("*.png"))[-1]
     bad.write_bytes(bad.read_bytes()[:100])  # truncated
     out = tmp_path / "run"
-    proc = run(
+    proc = run_in_process(
         "kdad.cli.train",
         [*TINY, "logger=none", "data.category=dots", f"hydra.run.dir={out}"],
         {**env, "KDAD_CACHE_DIR": str(cache)},

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from clirun import TINY, run
+from clirun import TINY, run, run_in_process
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -535,7 +535,7 @@ def test_bad_checkpoints_give_one_line_and_run_nothing(trained: Path, tmp_path: 
 def test_predict_cli_rejects_a_tampered_checkpoint(env, tmp_path: Path) -> None:
     torch.save({"kdad": {}, "payload": _Payload(tmp_path / "EXECUTED")}, tmp_path / "object.ckpt")
     Image.new("RGB", (8, 8)).save(tmp_path / "part.png")
-    proc = run(
+    proc = run_in_process(
         "kdad.cli.predict",
         [
             f"ckpt_path={tmp_path / 'object.ckpt'}",

@@ -1,0 +1,1 @@
+"""The commands (``kdad-train``, ``kdad-eval``, ...): each composes its config and runs one task."""

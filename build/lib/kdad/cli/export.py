@@ -1,0 +1,12 @@
+"""``kdad-export ckpt_path=PATH``: ONNX or TorchScript for deployment (kdad.inference.export).
+
+kdad-export ckpt_path=logs/train/runs/<run> format=onnx
+"""
+
+from kdad.engine.hydra import entry_point
+from kdad.inference.export import export
+
+main = entry_point(export, "export", __spec__.name)
+
+if __name__ == "__main__":
+    main()

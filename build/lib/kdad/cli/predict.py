@@ -1,0 +1,13 @@
+"""``kdad-predict ckpt_path=PATH input=PATH``: score images (kdad.inference.predict).
+
+kdad-predict ckpt_path=logs/train/runs/<run> input=/line7/today
+kdad-predict ckpt_path=logs/train/runs/<run> input='/line7/*/cam2_*.png' device=cuda
+"""
+
+from kdad.engine.hydra import entry_point
+from kdad.inference.predict import predict
+
+main = entry_point(predict, "predict", __spec__.name)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""What every Hydra entry point shares: resolvers, user-error handling, sweep report, DDP wiring.
+
+User errors (:class:`kdad.errors.KDADError`) never show a traceback: the job prints one line
+``kdad: error: ...`` to stderr, leaves a ``FAILED`` file with that line in its run folder (so a
+sweep's folder says which jobs failed and why), and the command exits with status 2 once all
+jobs have run. One failing job of a multirun does not stop the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from kdad.engine import wandb as kdad_wandb
+from kdad.errors import KDADError, one_line
+from kdad.io.atomic import write_text_atomic
+
+log = logging.getLogger("kdad")
+
+FAILED: list[str] = []
+
+
+def _gpu_slot(num_gpus: int = 1) -> int:
+    """The GPU of this job when a sweep runs ``num_gpus`` jobs side by side (job number mod N)."""
+    try:
+        return int(HydraConfig.get().job.num) % max(int(num_gpus), 1)
+    except (ValueError, TypeError):
+        return 0
+
+
+def is_multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+def prepare_ddp_relaunch() -> None:
+    """Make Lightning's DDP re-launch of this script start *this job* in *this folder*.
+
+    For ``strategy=ddp`` Lightning starts ranks 1..N-1 by re-running ``sys.argv`` with
+    ``hydra.run.dir=<hydra.run.dir>`` appended. In a multirun that would re-run the whole sweep
+    into a fresh folder; here each job narrows ``sys.argv`` to its own overrides and points
+    ``hydra.run.dir`` at its own output folder, so one run stays one folder.
+    """
+    if not is_multirun():
+        return
+    from omegaconf import read_write
+
+    hydra_cfg = HydraConfig.get()
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg.run):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
+RESOLVERS = {
+    "kdad_gpu_slot": _gpu_slot,
+    "kdad_run_name": kdad_wandb.run_name,
+    "kdad_run_group": kdad_wandb.run_group,
+    "kdad_sweep": kdad_wandb.sweep_id,
+    "kdad_tags": kdad_wandb.tags,
+    "kdad_wandb_id": kdad_wandb.run_id,
+}
+
+
+def register_resolvers() -> None:
+    for name, function in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)
+
+
+def output_dir() -> Path:
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path.cwd()
+
+
+def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Run ``task``; turn a user error into one line, a FAILED file and a later exit code 2."""
+
+    def wrapper(cfg: DictConfig) -> Any:
+        try:
+            return task(cfg)
+        except Exception as exc:
+            message = user_error_message(exc)
+            if message is None:
+                if not is_multirun():
+                    raise  # a bug: keep the traceback
+                # In a sweep one crashing job must not take the others down: log it, record it.
+                log.error("job crashed:\n%s", traceback.format_exc())
+                message = f"crashed: {type(exc).__name__}: {one_line(exc)[:300]} (traceback in the job's log)"
+        finally:
+            kdad_wandb.finish()
+        print(f"kdad: error: {message}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            write_text_atomic(output_dir() / "FAILED", message + "\n")
+        FAILED.append(message)
+        return float("nan")
+
+    wrapper.__name__ = getattr(task, "__name__", "task")
+    return wrapper
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message if ``exc`` is (or wraps) a :class:`KDADError`, else None.
+
+    Hydra's ``instantiate`` chains our error as the cause of its own; DataLoader workers and
+    some libraries re-raise it as a new exception whose text holds the original.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KDADError):
+            return one_line(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = f"{type(exc).__name__}: {exc}"
+    return one_line(exc) if "KDADError" in text else None
+
+
+def exit_if_failed() -> None:
+    if FAILED:
+        if len(FAILED) > 1:
+            print(
+                f"kdad: {len(FAILED)} job(s) failed (see FAILED files in the sweep folder)",
+                file=sys.stderr,
+            )
+        sys.exit(2)
+
+
+class SweepReport(Callback):
+    """Hydra callback: at the end of a multirun, list failed jobs and make the command fail.
+
+    Works with every launcher (in-process, submitit local or Slurm) because it reads the
+    ``FAILED`` files the jobs leave in their folders. Writes ``sweep_status.json`` into the
+    sweep folder: how many jobs ran, which finished, which failed and why.
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(str(config.hydra.sweep.dir))
+        jobs = sorted(p.parent for p in sweep.rglob(".hydra") if p.parent != sweep)
+        failed = [
+            {"folder": str(job), "reason": (job / "FAILED").read_text().strip()}
+            for job in jobs
+            if (job / "FAILED").is_file()
+        ]
+        finished = [str(job) for job in jobs if (job / "metrics.json").is_file()]
+        status = {"jobs": len(jobs), "finished": len(finished), "failed": failed}
+        write_text_atomic(sweep / "sweep_status.json", json.dumps(status, indent=2) + "\n")
+        log.info(
+            "sweep %s: %d jobs, %d finished, %d failed",
+            sweep,
+            len(jobs),
+            len(finished),
+            len(failed),
+        )
+        for item in failed:
+            print(f"kdad: failed job {item['folder']}: {item['reason']}", file=sys.stderr)
+            if item["reason"] not in FAILED:
+                FAILED.append(item["reason"])
+
+
+def instantiate_group(
+    group: DictConfig | None, what: str, overrides: dict[str, dict[str, Any]] | None = None
+) -> list[Any]:
+    """Instantiate every entry of a callbacks/logger group that names a ``_target_``
+    (``overrides``: keyword arguments per entry name, e.g. ``{"wandb": {"log_model": False}}``)."""
+    objects: list[Any] = []
+    if not group:
+        return objects
+    if not isinstance(group, DictConfig):
+        raise KDADError(f"{what} must be a mapping of name -> config, got {type(group).__name__}")
+    for name, conf in group.items():
+        if isinstance(conf, DictConfig) and "_target_" in conf:
+            objects.append(instantiate(conf, **((overrides or {}).get(str(name), {}))))
+        elif isinstance(conf, DictConfig):
+            log.debug("%s.%s has no _target_; skipped", what, name)
+    return objects
+
+
+def entry_point(
+    task: Callable[[DictConfig], Any], config_name: str, module: str
+) -> Callable[[], None]:
+    """A command's ``main``: compose ``config_name`` (the shipped conf/ and any user config
+    folder), run ``task`` under :func:`guarded`, exit 2 if any job failed. ``module`` is the
+    command's module (its ``__spec__.name``), from which Hydra names the job (``train``, ...)."""
+    import hydra
+
+    from kdad.config import CONFIG_DIR
+
+    register_resolvers()
+
+    def job(cfg: DictConfig) -> Any:
+        return guarded(task)(cfg)
+
+    job.__module__ = module
+    composed = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(job)
+
+    def main() -> None:
+        composed()
+        exit_if_failed()
+
+    return main

@@ -1,0 +1,152 @@
+"""Config checks that run before any work starts, so a typing mistake costs seconds, not a run.
+
+Every key a user types reaches one of: :func:`resolve` (missing required values, broken
+interpolations), the typed checks below (numbers where numbers are expected, in range), the
+constructors (models and data modules raise :class:`~kdad.errors.KDADError` for their own
+keys; anything else they raise while being built from the config is turned into one line
+naming the group), the trainer's constructor (wrapped the same way), or :func:`check_input_size`
+(a dry forward pass: the smallest image the chosen network accepts). Each problem is one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import (
+    InterpolationResolutionError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+)
+from torch.utils.data import DataLoader
+
+from kdad.errors import KDADError, one_line
+
+T = TypeVar("T")
+
+# key -> (kind, lowest allowed value, why); None keys are skipped (optional settings).
+_NUMBERS: dict[str, tuple[type, float, str]] = {
+    "seed": (int, -math.inf, "an integer"),
+    "trainer.max_epochs": (
+        int,
+        1,
+        "an integer >= 1 (0 trains nothing: test a checkpoint with kdad-eval instead)",
+    ),
+    "trainer.check_val_every_n_epoch": (int, 1, "an integer >= 1"),
+    "trainer.log_every_n_steps": (int, 1, "an integer >= 1"),
+    "trainer.accumulate_grad_batches": (int, 1, "an integer >= 1"),
+    "data.image_size": (int, 1, "an integer number of pixels"),
+    "data.crop_size": (int, 1, "an integer number of pixels"),
+    "data.batch_size": (int, 1, "an integer >= 1"),
+    "data.eval_batch_size": (int, 1, "an integer >= 1"),
+    "data.num_workers": (int, 0, "an integer >= 0"),
+    "data.val_fraction": (float, 0, "a fraction in [0, 1)"),
+    "data.cache_max_gb": (float, 0, "a number of GB >= 0"),
+    "teacher_cache_max_gb": (float, 0, "a number of GB >= 0"),
+    "callbacks.model_checkpoint.every_n_epochs": (int, 0, "an integer >= 0"),
+    "callbacks.heatmaps.num_images": (int, 0, "an integer >= 0"),
+}
+
+
+def resolve(cfg: DictConfig) -> None:
+    """Every value resolvable and present: ``???`` left unset and broken ``${...}`` are errors."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        key = exc.full_key or "a key"
+        raise KDADError(f"{key} is required but not set: pass {key}=...") from None
+    except (InterpolationResolutionError, OmegaConfBaseException) as exc:
+        key = getattr(exc, "full_key", None)
+        raise KDADError(f"config{f' key {key}' if key else ''}: {one_line(exc)}") from None
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    for key, (kind, low, what) in _NUMBERS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        ok = not isinstance(value, bool) and isinstance(value, int | float)
+        if ok and kind is int:
+            ok = isinstance(value, int) or float(value).is_integer()
+        if ok:
+            ok = math.isfinite(float(value)) and float(value) >= low
+            if key == "data.val_fraction":
+                ok = ok and float(value) < 1
+        if not ok:
+            raise KDADError(f"{key}={value!r}: expected {what}")
+
+
+def check_train(cfg: DictConfig) -> None:
+    """What kdad-train checks before loading any data."""
+    resolve(cfg)
+    check_numbers(cfg)
+    for key, valid in (("test_ckpt", ("last", "best")), ("resume", ("auto", "never"))):
+        if cfg.get(key) not in valid:
+            raise KDADError(f"{key}={cfg.get(key)!r}: expected {' or '.join(valid)}")
+
+
+def built(what: str, build: Callable[[], T]) -> T:
+    """``build()``; what it raises because of a config value becomes one line naming ``what``."""
+    try:
+        return build()
+    except KDADError:
+        raise
+    except InstantiationException as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, KDADError):
+            raise KDADError(f"{what}: {one_line(cause)}") from None
+        detail = f"{type(cause).__name__}: {one_line(cause)}" if cause else one_line(exc)
+        raise KDADError(f"{what}: cannot be built from the config ({detail[:300]})") from None
+    except (TypeError, ValueError, IndexError, KeyError, AssertionError) as exc:
+        raise KDADError(
+            f"{what}: cannot be built from the config ({type(exc).__name__}: {one_line(exc)[:300]})"
+        ) from None
+
+
+def _forward_ok(probe: Any, size: int) -> str | None:
+    """Both passes a run makes, on zeros: the training loss (train mode, a batch of 2:
+    BatchNorm needs more than one value per channel) and the test prediction (eval mode),
+    after the model's ``before_fit`` (NFERD fills its bank) from zero images. Returns why
+    they fail, or None."""
+    images = torch.zeros(2, 3, size, size)
+    previous = logging.getLogger("kdad").level
+    logging.getLogger("kdad").setLevel(logging.ERROR)  # "the bank holds all of them", etc.
+    try:
+        top_k = max(int(getattr(probe, "nfb_top_k", 1) or 1), 1)
+        probe.before_fit(DataLoader([images[0]] * top_k, batch_size=top_k))
+        probe.train()
+        probe.loss(probe(images))
+        probe.eval()
+        probe.predict(images[:1])
+    except (KDADError, RuntimeError, ValueError, IndexError, ZeroDivisionError) as exc:
+        return f"{type(exc).__name__}: {one_line(exc)[:160]}"
+    finally:
+        logging.getLogger("kdad").setLevel(previous)
+    return None
+
+
+@torch.no_grad()
+def check_input_size(net: Any, size: int, what: str) -> None:
+    """Dry passes at the network's input size (``data.crop_size`` or ``data.image_size``), on a
+    copy (the run's weights, buffers and BatchNorm statistics are untouched); if they fail,
+    name the smallest size that works (16-px steps)."""
+    probe = copy.deepcopy(net)
+    reason = _forward_ok(probe, size)
+    if reason is None:
+        return
+    smallest = next((s for s in range(16, 1025, 16) if _forward_ok(probe, s) is None), None)
+    if smallest is None:
+        raise KDADError(f"{what} cannot run at data.image_size/crop_size={size} ({reason})")
+    raise KDADError(
+        f"data.image_size/crop_size={size} does not fit {what}: the smallest that works is "
+        f"{smallest} px (tried in 16-px steps; the papers use 256)"
+    )
+
+
+__all__ = ["built", "check_input_size", "check_numbers", "check_train", "resolve"]

@@ -1,0 +1,105 @@
+"""The one way kdad writes files: atomically, readable like any other file.
+
+A reader (``kdad-aggregate``, a dashboard, a person, a resumed run) never sees a half-written
+file: each is written to a temporary file in the same folder and moved into place with
+``os.replace``, with the permissions the umask gives a new file (never ``mkstemp``'s 0600).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path beside ``path``, moved onto it when the block ends without error.
+
+    Readers see the old file or the new one, never a part; on error the temporary file is
+    removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="")
+    return Path(path)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; a missing value reads as null.
+    return value
+
+
+def write_json_atomic(path: str | Path, data: Mapping[str, Any]) -> Path:
+    return write_text_atomic(
+        path, json.dumps({k: _json_safe(v) for k, v in data.items()}, indent=2) + "\n"
+    )
+
+
+def write_csv_atomic(
+    path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> Path:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_text_atomic(path, buffer.getvalue())
+
+
+def write_png_atomic(path: str | Path, image: np.ndarray, compress_level: int = 1) -> Path:
+    """An (H, W[, 3]) uint8 array as a PNG (fast compression: encoding at the default level
+    costs more than the model's forward pass when predicting)."""
+    from PIL import Image
+
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", compress_level=compress_level)
+    return Path(path)
+
+
+def write_figure_atomic(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """A matplotlib figure as a PNG; the figure is closed either way."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def write_npz_atomic(target: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
+    """Named arrays as a compressed ``.npz``."""
+    with atomic_path(target, suffix=".npz") as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+    return Path(target)

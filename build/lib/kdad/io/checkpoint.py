@@ -1,0 +1,190 @@
+"""Reading and writing kdad checkpoints safely (rebuilding the module: kdad.lightning.loading).
+
+Checkpoints are read with ``torch.load(weights_only=True)``: tensors and plain containers only,
+no arbitrary pickled code. The variant, its settings and the preprocessing come from the
+checkpoint itself, so evaluation and prediction need no training config. Because the model is
+rebuilt from the checkpoint's hyper-parameters, those are checked before anything is called:
+the ``_target_`` must be a kdad variant class (a tampered checkpoint cannot make Hydra call an
+arbitrary function). Every way a file can fail to be a usable kdad checkpoint (missing,
+truncated, corrupted, foreign, pickled objects, weights of another shape) is a one-line
+:class:`~kdad.errors.KDADError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from kdad.errors import KDADError
+from kdad.io.atomic import atomic_path
+
+DIGEST_KEY = "sha256"
+# Metadata outside the digest: the digest itself, and the random state (resuming only).
+_UNSIGNED = (DIGEST_KEY, "state_dict_sha256", "rng")
+
+log = logging.getLogger("kdad")
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint file, or a kdad-train run folder: the checkpoint that run tested.
+
+    That is ``checkpoints/last.ckpt``, or ``checkpoints/best.ckpt`` for a run with
+    ``test_ckpt: best`` (STFPM's default) in its config.yaml. (Resuming always takes
+    last.ckpt: see kdad.train.)
+    """
+    path = Path(os.path.expanduser(str(path)))
+    if path.is_dir():
+        checkpoints = path / "checkpoints"
+        candidate = checkpoints / "last.ckpt"
+        config = path / "config.yaml"
+        if (checkpoints / "best.ckpt").is_file() and config.is_file():
+            with contextlib.suppress(Exception):
+                if OmegaConf.load(config).get("test_ckpt") == "best":
+                    candidate = checkpoints / "best.ckpt"
+        if not candidate.is_file():
+            raise KDADError(
+                f"ckpt_path={path} is a folder without {candidate.relative_to(path)} (not a kdad-train run folder?)"
+            )
+        log.info("ckpt_path=%s: using %s", path, candidate)
+        return candidate
+    if not path.is_file():
+        raise KDADError(f"ckpt_path={path}: no such file")
+    return path
+
+
+def _load_error(path: Path, exc: BaseException) -> KDADError:
+    """One line saying why ``torch.load(weights_only=True)`` refused ``path``."""
+    text = " ".join(str(exc).split())
+    # torch words the refusal "Unsupported global: GLOBAL x.y was not an allowed global" or
+    # "Trying to load unsupported GLOBAL x.y whose module x is blocked", by version and module.
+    refused = re.search(r"(?i)unsupported global:? (?:GLOBAL )?([\w.]+)", text)
+    if refused:
+        reason = (
+            f"this file contains pickled code ({refused.group(1)}) and was refused without running it "
+            "(a kdad checkpoint holds tensors and plain data only; the file may be unsafe)"
+        )
+    elif isinstance(exc, EOFError):
+        reason = "the file is empty or truncated"
+    elif isinstance(exc, pickle.UnpicklingError):
+        reason = "not a torch checkpoint file, or a corrupted one"
+    else:  # the zip container or the pickle inside it is damaged
+        reason = f"the file is truncated or corrupted ({type(exc).__name__}: {text[:120]})"
+    return KDADError(f"ckpt_path={path}: not a readable kdad checkpoint: {reason}")
+
+
+def read_checkpoint(path: str | Path, allow_unsigned: bool = False) -> dict[str, Any]:
+    """The checkpoint dict at ``path`` (a file or a run folder), loaded with weights_only=True
+    and checked against its digest (:func:`checkpoint_digest`): a mismatch is always an error,
+    a missing digest one unless ``allow_unsigned``."""
+    path = resolve_checkpoint_path(path)
+    try:
+        with warnings.catch_warnings():  # the one-line error below says it better
+            warnings.filterwarnings("ignore", message=r".*pickle protocol.*", category=UserWarning)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise _load_error(path, exc) from None
+    if (
+        not isinstance(checkpoint, dict)
+        or not isinstance(checkpoint.get("kdad"), dict)
+        or not isinstance(checkpoint.get("hyper_parameters"), Mapping)
+        or not isinstance(checkpoint.get("state_dict"), Mapping)
+    ):
+        raise KDADError(
+            f"ckpt_path={path}: not a kdad checkpoint (no kdad metadata; was it written by kdad-train?)"
+        )
+    expected = checkpoint["kdad"].get(DIGEST_KEY)
+    if expected is None:
+        if not allow_unsigned:
+            raise KDADError(
+                f"ckpt_path={path}: the checkpoint carries no integrity digest (kdad.{DIGEST_KEY}: "
+                "written by an older kdad, or removed), so changed weights, thresholds or settings "
+                "could not be detected; refused. If you trust the file, pass allow_unsigned=true"
+            )
+        log.warning("ckpt_path=%s: no integrity digest; loaded anyway (allow_unsigned=true)", path)
+    elif checkpoint_digest(checkpoint) != expected:
+        raise KDADError(
+            f"ckpt_path={path}: its weights, thresholds or settings do not match the digest "
+            "recorded when it was saved (the file was corrupted or modified); refused"
+        )
+    return checkpoint
+
+
+def state_dict_digest(state_dict: Mapping[str, Any]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a state dict's tensors, in order."""
+    digest = hashlib.sha256()
+    for key, value in state_dict.items():
+        if not isinstance(value, Tensor):
+            continue
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(plain(value), sort_keys=True, default=repr, allow_nan=True)
+
+
+def checkpoint_digest(checkpoint: Mapping[str, Any]) -> str:
+    """SHA-256 over what decides a checkpoint's predictions: the weights
+    (:func:`state_dict_digest`), the hyper-parameters (the model's config and the
+    preprocessing it was trained with) and kdad's metadata (model name, thresholds),
+    everything but the digest itself. Optimiser and loop state (resuming only) are not covered."""
+    meta = {k: v for k, v in dict(checkpoint.get("kdad") or {}).items() if k not in _UNSIGNED}
+    digest = hashlib.sha256()
+    digest.update(state_dict_digest(checkpoint["state_dict"]).encode())
+    digest.update(_canonical(dict(checkpoint.get("hyper_parameters") or {})).encode())
+    digest.update(_canonical(meta).encode())
+    return digest.hexdigest()
+
+
+def sign(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Record :func:`checkpoint_digest` in ``checkpoint["kdad"]`` (in place); returns it."""
+    checkpoint["kdad"][DIGEST_KEY] = checkpoint_digest(checkpoint)
+    return checkpoint
+
+
+def checkpoint_model_name(checkpoint: dict[str, Any]) -> str:
+    return str(checkpoint["hyper_parameters"].get("model_name", "?"))
+
+
+def write_checkpoint(checkpoint: Mapping[str, Any], path: str | Path) -> Path:
+    """Sign ``checkpoint`` (it was changed: e.g. thresholds added), ``torch.save`` it to a
+    temporary file beside ``path``, then move it into place."""
+    checkpoint = sign(dict(checkpoint))
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+    return Path(path)
+
+
+def plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+__all__ = [
+    "checkpoint_digest",
+    "checkpoint_model_name",
+    "read_checkpoint",
+    "resolve_checkpoint_path",
+    "sign",
+    "state_dict_digest",
+    "write_checkpoint",
+]

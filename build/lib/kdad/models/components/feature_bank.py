@@ -1,0 +1,250 @@
+"""NFERD's normal feature bank (NFB): teacher features of normal training images, recalled by similarity.
+
+Electronics 2024, 13(20):4125: the method "Normal Feature-Enhanced Reverse teacher–student
+Distillation" (NFERD); title and authors are not stated in the text available to kdad.
+Section 3: before training, ``N`` randomly chosen
+normal training images go through the frozen teacher; one bank per teacher stage stores their
+feature maps, bilinearly resized to the matching student stage and brought to its channel
+count by a 1x1 convolution. At a student stage, the student map ``s`` and the ``N`` bank maps
+are flattened to vectors; their cosine similarities form the set ``S``; the ``K`` most similar
+entries are kept and weighted, and the recalled map is
+
+    v = sum_k  w_k * f_k      (k over the top-K of S, reshaped to a C x H x W map).
+
+Choices the text leaves open (documented in the README, switchable in the config):
+
+- What is stored: the teacher's maps after the bilinear resize, *before* the 1x1 convolution.
+  The convolution is trainable, so it is applied to the bank at recall time, and the
+  similarities are measured in its output space (the space the student map lives in). It
+  starts as the identity, so the first recalls are the teacher's own normal features.
+- ``recall``: ``flattened`` is the paper's reading (one similarity per whole map, the same
+  mixture at every position); ``per_position`` compares the C-vectors at each position with
+  the entries' at the same position, so each position recalls its own top-K and ``w``.
+- ``w``: ``softmax`` of the K similarities divided by ``temperature`` ("a softmax of their
+  similarities"; ``learn_temperature`` trains the inverse temperature), ``uniform`` (the mean
+  of the K maps) or ``linear`` (similarities normalised to sum to one, clamped at zero).
+- ``similarity_grad``: whether gradients flow through ``S``. Without (kdad's default) ``S`` is
+  a retrieval key: the stored maps are mixed, then projected (the same ``v``, since the 1x1
+  convolution is affine and ``w`` sums to one), which keeps the backward pass small.
+- Everything is batched tensor work on the bank's device: one matmul (flattened) or one
+  product summed over channels (per position) for all similarities of a batch, ``topk``, and
+  one matmul (flattened) or a gather of the K entries (per position) for the weighted sums.
+
+The stored maps are a persistent buffer, so they travel with every checkpoint. Their shape is
+only known once the bank is built; :meth:`NormalFeatureBank._load_from_state_dict` resizes the
+empty buffer of a freshly constructed model to the checkpoint's, so loading always works.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdad.errors import KDADError
+
+WEIGHTINGS = ("softmax", "uniform", "linear")
+RECALLS = ("flattened", "per_position")
+
+
+class NormalFeatureBank(nn.Module):
+    """The bank of one student stage: ``N`` stored maps (C_t, H, W) and their 1x1 projection.
+
+    Args:
+        teacher_channels: channels of the teacher stage whose maps are stored.
+        student_channels: channels of the student (decoder) stage they are recalled into.
+        top_k: ``K``, the number of most similar entries mixed into the recalled map.
+        weighting: form of ``w`` over the K entries (see :data:`WEIGHTINGS`).
+        temperature: softmax temperature (``weighting="softmax"`` only); with
+            ``learn_temperature`` its starting value.
+        recall: ``flattened`` (the paper's reading: one cosine per whole map, one top-K per
+            image) or ``per_position`` (one cosine along channels per position, one top-K and
+            one ``w`` per position; see the module doc).
+        learn_temperature: the softmax's inverse temperature is a trained parameter
+            (``log_scale``, one per bank) instead of a constant.
+        similarity_grad: gradients flow through ``S`` into the student and the projection
+            (``False``: ``S`` only selects and weights; see the module doc).
+    """
+
+    features: Tensor
+
+    def __init__(
+        self,
+        teacher_channels: int,
+        student_channels: int,
+        top_k: int = 3,
+        weighting: str = "softmax",
+        temperature: float = 1.0,
+        recall: str = "flattened",
+        learn_temperature: bool = False,
+        similarity_grad: bool = True,
+    ) -> None:
+        super().__init__()
+        if weighting not in WEIGHTINGS:
+            raise KDADError(
+                f"model.nfb.weighting={weighting!r}: expected one of {list(WEIGHTINGS)}"
+            )
+        if recall not in RECALLS:
+            raise KDADError(f"model.nfb.recall={recall!r}: expected one of {list(RECALLS)}")
+        if not temperature > 0:
+            raise KDADError(f"model.nfb.temperature={temperature!r}: must be > 0")
+        self.top_k, self.weighting, self.temperature = int(top_k), weighting, float(temperature)
+        self.recall, self.similarity_grad = recall, bool(similarity_grad)
+        self.log_scale: nn.Parameter | None = None
+        if learn_temperature:  # softmax(sim * exp(log_scale)), starting at 1 / temperature
+            self.log_scale = nn.Parameter(torch.tensor(-math.log(self.temperature)))
+        self.proj = nn.Conv2d(teacher_channels, student_channels, 1)
+        with torch.no_grad():  # identity start: the first recalls are the teacher's features
+            self.proj.weight.zero_()
+            eye = torch.eye(min(teacher_channels, student_channels))
+            self.proj.weight[: eye.shape[0], : eye.shape[1], 0, 0] = eye
+            self.proj.bias.zero_()
+        self.register_buffer("features", torch.zeros(0, teacher_channels, 0, 0), persistent=True)
+
+    @property
+    def size(self) -> int:
+        """Number of stored maps (0 until the bank is built or loaded)."""
+        return int(self.features.shape[0])
+
+    def extra_repr(self) -> str:
+        learned = ", learned" if self.log_scale is not None else ""
+        return (
+            f"size={self.size}, top_k={self.top_k}, recall={self.recall}, "
+            f"weighting={self.weighting}, temperature={self.temperature}{learned}"
+        )
+
+    @torch.no_grad()
+    def store(self, teacher_maps: Tensor, size: tuple[int, int]) -> None:
+        """Keep ``teacher_maps`` (N, C_t, h, w), bilinearly resized to the student stage's ``size``."""
+        if tuple(teacher_maps.shape[-2:]) != tuple(size):
+            teacher_maps = F.interpolate(
+                teacher_maps, size=size, mode="bilinear", align_corners=False
+            )
+        self.features = teacher_maps.detach().float().contiguous()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # The bank's shape is only known after building: take the checkpoint's.
+        stored = state_dict.get(prefix + "features")
+        if (
+            isinstance(stored, Tensor)
+            and stored.dim() == 4
+            and stored.shape[1] == self.features.shape[1]
+        ):
+            self.features = torch.empty_like(
+                stored, device=self.features.device, dtype=self.features.dtype
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def projected(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The stored maps through the trainable 1x1 convolution: (N, C, H, W)."""
+        if self.size == 0:
+            raise KDADError(
+                "the normal feature bank is empty: build it with before_fit(train_loader) "
+                "(kdad-train does) or load a checkpoint that holds it"
+            )
+        return self.proj(self.features.to(dtype))
+
+    def similarities(self, student: Tensor, bank: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Cosine similarities ``S`` of the student maps (B, C, H, W) with the projected entries,
+        and the projected bank (N, C, H, W).
+
+        ``flattened``: (B, N), whole maps as vectors (section 3); ``per_position``:
+        (B, N, H, W), the C-vectors at each position against the entries' at that position.
+        """
+        bank = self.projected(student.dtype) if bank is None else bank
+        if bank.shape[1:] != student.shape[1:]:
+            raise KDADError(
+                f"normal feature bank maps {tuple(bank.shape[1:])} do not match the student's "
+                f"{tuple(student.shape[1:])}: the bank was built for another input size"
+            )
+        if self.recall == "flattened":
+            sim = F.normalize(student.flatten(1), dim=1) @ F.normalize(bank.flatten(1), dim=1).T
+            return sim, bank
+        # One small matrix product per position: (P, B, C) @ (P, C, N) -> (P, B, N). A batched
+        # GEMM, not a (B, N, P, C) broadcast product (experiments/benchmark: NFERD's step cost).
+        b, _, h, w = student.shape
+        queries = F.normalize(student, dim=1).flatten(2).permute(2, 0, 1)
+        keys = F.normalize(bank, dim=1).flatten(2).permute(2, 1, 0)
+        sim = torch.bmm(queries, keys)  # (P, B, N)
+        return sim.permute(1, 2, 0).reshape(b, -1, h, w), bank
+
+    @property
+    def scale(self) -> Tensor | float:
+        """The softmax's inverse temperature: ``exp(log_scale)`` if learned, else ``1 / temperature``."""
+        return self.log_scale.exp() if self.log_scale is not None else 1.0 / self.temperature
+
+    def weights(self, top_sim: Tensor) -> Tensor:
+        """``w`` from the K largest similarities (B, K[, H, W]); sums to one over K (dim 1)."""
+        if self.weighting == "softmax":
+            return torch.softmax(top_sim * self.scale, dim=1)
+        if self.weighting == "uniform":
+            return torch.full_like(top_sim, 1.0 / top_sim.shape[1])
+        positive = top_sim.clamp_min(0) + 1e-8
+        return positive / positive.sum(dim=1, keepdim=True)
+
+    def select(
+        self, student: Tensor, exclude: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The top-K of ``S``: weights ``w`` and entry indices (B, K[, H, W]), and the projected
+        bank (N, C, H, W). ``exclude`` (B, N) bool marks entries a row may not recall
+        (leave-one-out training). Without ``similarity_grad``, ``S`` is computed without
+        gradient (a retrieval key): ``w`` then learns only through the learned scale."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.similarity_grad):
+            bank = self.projected(student.dtype)
+            sim, _ = self.similarities(student, bank)
+        if exclude is not None:
+            mask = exclude if sim.dim() == 2 else exclude[:, :, None, None]
+            sim = sim.masked_fill(mask, float("-inf"))
+        k = min(
+            self.top_k, self.size - (int(exclude.sum(dim=1).max()) if exclude is not None else 0)
+        )
+        if k < 1:
+            raise KDADError(
+                "model.nfb: no bank entry left to recall after excluding the image itself"
+            )
+        top_sim, top_idx = sim.topk(k, dim=1)
+        return self.weights(top_sim), top_idx, bank
+
+    def mixture(self, student: Tensor, exclude: Tensor | None = None) -> Tensor:
+        """Dense mixing weights (B, N[, H, W]): ``w_k`` on the recalled entries, 0 elsewhere."""
+        weights, index, bank = self.select(student, exclude)
+        shape = (student.shape[0], bank.shape[0], *weights.shape[2:])
+        return weights.new_zeros(shape).scatter(1, index, weights)
+
+    def forward(self, student: Tensor, exclude: Tensor | None = None) -> Tensor:
+        """Recall ``v`` (B, C, H, W) for the student maps (B, C, H, W): ``v = sum_k w_k f_k``,
+        per position with ``recall="per_position"``; ``exclude``: see :meth:`select`."""
+        weights, index, bank = self.select(student, exclude)
+        # Without gradient through S the stored maps are mixed first and the B recalled maps
+        # projected: the same v (the 1x1 conv is affine and w sums to one over K), but the
+        # backward pass goes through B maps instead of the N entries.
+        source = bank if self.similarity_grad else self.features.to(student.dtype)
+        if self.recall == "flattened":
+            mix = weights.new_zeros(student.shape[0], bank.shape[0]).scatter(1, index, weights)
+            recalled = (mix @ source.flatten(1)).view(-1, *source.shape[1:])
+        else:  # gather the K entries' vectors at each position (K/N of a dense mix's work)
+            n, c, h, w = source.shape
+            entries = source.permute(0, 2, 3, 1).reshape(n, h * w, c)  # (N, P, C)
+            picked = entries[index.flatten(2), torch.arange(h * w, device=student.device)]
+            recalled = (weights.flatten(2).unsqueeze(-1) * picked).sum(1)  # (B, P, C)
+            recalled = recalled.view(-1, h, w, c).permute(0, 3, 1, 2)
+        return recalled if self.similarity_grad else self.proj(recalled)
+
+
+def select_bank_images(num_images: int, size: int, seed: int) -> list[int]:
+    """Indices of the ``size`` training images stored in the bank (all of them if fewer).
+
+    A seeded permutation of the dataset's own order (kdad sorts training images by path), so
+    every DDP rank, every resumed run and any loader shuffling pick the same images.
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    return sorted(torch.randperm(num_images, generator=generator)[:size].tolist())
+
+
+__all__ = ["RECALLS", "WEIGHTINGS", "NormalFeatureBank", "select_bank_images"]

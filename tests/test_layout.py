@@ -1,0 +1,209 @@
+"""The house rules of kdad's layout, checked on the source (README "Layout")."""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+KDAD = ROOT / "kdad"
+SOURCES = sorted(KDAD.rglob("*.py"))
+
+
+def _module(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _imports(path: Path) -> set[str]:
+    """Every ``kdad...`` module ``path`` imports, at the top or inside a function."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path}: relative import; kdad imports by absolute name")
+    return {name for name in found if name == "kdad" or name.startswith("kdad.")}
+
+
+def _part(module: str) -> str:
+    """The concern a module belongs to: kdad.<folder>, or a top-level module of kdad."""
+    return ".".join(module.split(".")[:2])
+
+
+def _calls(path: Path) -> set[str]:
+    """Dotted names called in ``path`` (``os.replace``, ``tempfile.mkstemp``, ...)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+        ):
+            names.add(f"{node.func.value.id}.{node.func.attr}")
+    return names
+
+
+def test_packages_listed_in_pyproject_are_the_folders() -> None:
+    """pyproject's explicit package list is every kdad folder with an __init__.py, plus the
+    configs (conf/ shipped as kdad.conf and its groups): a new folder cannot be left out of
+    the wheel, and no folder of modules is an accidental namespace package."""
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    folders = {p.parent for p in SOURCES}
+    assert not [f for f in folders if not (f / "__init__.py").is_file()], (
+        "folder without __init__.py"
+    )
+    code = {_module(f / "__init__.py") for f in folders}
+    configs = {"kdad.conf"} | {
+        f"kdad.conf.{p.name}"
+        for p in (ROOT / "conf").iterdir()
+        if p.is_dir() and any(p.glob("*.yaml"))
+    }
+    assert listed == code | configs, (
+        f"missing: {sorted(code | configs - listed)}, extra: {sorted(listed - code - configs)}"
+    )
+
+
+def test_subpackages_import_each_other_without_cycles() -> None:
+    graph: dict[str, set[str]] = defaultdict(set)
+    for path in SOURCES:
+        here = _part(_module(path))
+        graph[here].update(_part(m) for m in _imports(path) if _part(m) not in (here, "kdad"))
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        if state.get(node) == "done":
+            return
+        if state.get(node) == "open":
+            raise AssertionError("import cycle: " + " -> ".join([*trail, node]))
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            visit(nxt, [*trail, node])
+        state[node] = "done"
+        order.append(node)
+
+    for node in sorted(graph):
+        visit(node, [])
+    assert "kdad.cli" in graph and "kdad.models" in graph, sorted(graph)
+
+
+@pytest.mark.parametrize(
+    ("science", "forbidden"),
+    [
+        (
+            "kdad.models",
+            ("lightning", "hydra", "kdad.lightning", "kdad.engine", "kdad.cli", "wandb"),
+        ),
+        ("kdad.metrics", ("hydra", "kdad.lightning", "kdad.engine", "kdad.cli", "wandb")),
+        ("kdad.data", ("kdad.lightning", "kdad.engine", "kdad.cli", "kdad.models", "wandb")),
+        ("kdad.io", ("kdad.models", "kdad.lightning", "kdad.engine", "kdad.cli")),
+    ],
+)
+def test_lower_layers_do_not_reach_up(science: str, forbidden: tuple[str, ...]) -> None:
+    """The science stays plain PyTorch (no Lightning, Hydra or W&B in models/), and nothing
+    below the engine imports it or an entry point."""
+    offenders = []
+    for path in SOURCES:
+        if not _module(path).startswith(science):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [
+                f"{path.relative_to(ROOT)}: {n}"
+                for n in names
+                if any(n == f or n.startswith(f + ".") for f in forbidden)
+            ]
+    assert not offenders, offenders
+
+
+def test_entry_points_are_thin_and_import_no_other_entry_point() -> None:
+    commands = sorted((KDAD / "cli").glob("*.py"))
+    assert {p.stem for p in commands} >= {
+        "train",
+        "eval",
+        "predict",
+        "export",
+        "download",
+        "aggregate",
+    }
+    for path in commands:
+        others = {m for m in _imports(path) if m.startswith("kdad.cli")}
+        assert not others, f"{path.name} imports {others}"
+        lines = [
+            ln
+            for ln in path.read_text().splitlines()
+            if ln.strip() and not ln.lstrip().startswith("#")
+        ]
+        assert len(lines) < 100, (
+            f"{path.name}: {len(lines)} lines; the work belongs in engine/ or inference/"
+        )
+    importers = [
+        p
+        for p in SOURCES
+        if p.parent.name != "cli" and any(m.startswith("kdad.cli") for m in _imports(p))
+    ]
+    assert not importers, f"only the command line imports kdad.cli: {importers}"
+
+
+# Where a file may be moved into place: the one writer (kdad.io.atomic), and the checkpoint
+# save (Lightning writes the file on rank 0, kdad renames it there). Dataset trees (an extracted
+# archive, generated textures) are built in a temporary folder and renamed into place whole.
+MOVERS = {
+    "kdad/io/atomic.py": {"os.replace", "tempfile.mkstemp"},
+    "kdad/lightning/callbacks.py": {"os.replace"},
+    "kdad/data/download.py": {"os.rename", "tempfile.mkdtemp"},
+    "kdad/data/synthetic.py": {"os.rename", "tempfile.mkdtemp"},
+}
+
+
+def test_one_atomic_writer() -> None:
+    moves = {
+        "os.replace",
+        "os.rename",
+        "shutil.move",
+        "tempfile.mkstemp",
+        "tempfile.mkdtemp",
+        "tempfile.NamedTemporaryFile",
+    }
+    found = {}
+    for path in SOURCES:
+        used = _calls(path) & moves
+        if used:
+            found[path.relative_to(ROOT).as_posix()] = used
+    extra = {f: u - MOVERS.get(f, set()) for f, u in found.items() if u - MOVERS.get(f, set())}
+    assert not extra, f"write through kdad.io.atomic instead: {extra}"
+    assert found["kdad/io/atomic.py"] == MOVERS["kdad/io/atomic.py"]
+
+
+def test_one_flattener() -> None:
+    defining = [
+        p.relative_to(ROOT).as_posix()
+        for p in SOURCES
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+        if isinstance(node, ast.FunctionDef) and "flatten" in node.name
+    ]
+    assert defining == ["kdad/config.py"], defining
+
+
+def test_tests_mirror_the_package() -> None:
+    """tests/<folder>/ holds the tests of kdad/<folder>/ (and nothing else is a folder there)."""
+    folders = {
+        p.name
+        for p in (ROOT / "tests").iterdir()
+        if p.is_dir() and not p.name.startswith((".", "_"))
+    }
+    package = {p.name for p in KDAD.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert folders <= package, f"test folders without a kdad folder: {sorted(folders - package)}"
