@@ -156,9 +156,9 @@ def build_kdad(
     else:
         raise ValueError(name)
     net = net.to(device)
-    fill_bank(net, size, device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
+    fill_bank(net, size, device)  # after the conversion, as in training (setup, then before_fit)
     return net
 
 
