@@ -68,7 +68,8 @@ def run_in_process(
         sys.argv = [module, *args]
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                main()
+                returned = main()  # kdad-aggregate returns its status; the Hydra apps exit
+                code = returned if isinstance(returned, int) else 0
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
             except Exception:

@@ -62,7 +62,7 @@ def test_eval_reproduces_the_training_run(
     trained_run: Path, env: dict[str, str], tmp_path: Path
 ) -> None:
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    run(
+    run_in_process(  # the real command's main(), without a second process start
         "kdad.cli.eval",
         [*DATA, f"ckpt_path={ckpt}", "logger=none", f"hydra.run.dir={tmp_path}"],
         env,
@@ -116,7 +116,7 @@ def test_multirun_and_aggregate(env: dict[str, str], tmp_path: Path) -> None:
         tmp_path,
     )
     assert len(list(sweep.rglob("metrics.json"))) == 4
-    proc = run("kdad.cli.aggregate", [str(sweep)], env, tmp_path)
+    proc = run_in_process("kdad.cli.aggregate", [str(sweep)], env, tmp_path)
     with open(sweep / "aggregate.csv") as handle:
         rows = list(csv.DictReader(handle))
     cells = [(r["model"], r["category"]) for r in rows if r["category"] != "mean"]

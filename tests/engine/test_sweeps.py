@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from clirun import TINY, run
+from clirun import TINY, run, run_in_process
 
 QUIET = ["logger=none", "callbacks=none"]
 
@@ -42,7 +42,7 @@ def test_failing_job_does_not_stop_the_sweep_and_is_reported_missing(
     assert (sweep / "1" / "metrics.json").is_file()  # the job after the failure still ran
     status = json.loads((sweep / "sweep_status.json").read_text())
     assert status["jobs"] == 2 and status["finished"] == 1 and len(status["failed"]) == 1
-    agg = run("kdad.cli.aggregate", [str(sweep)], env, tmp_path)
+    agg = run_in_process("kdad.cli.aggregate", [str(sweep)], env, tmp_path)
     assert "Missing runs (1)" in agg.stdout and "marble" in agg.stdout
     table = (sweep / "aggregate.csv").read_text().splitlines()
     assert len(table) == 1 + 2  # header, the stripes row, the mean row: the failure is not a zero

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from clirun import TINY, run
+from clirun import TINY, run, run_in_process
 from wandb_reader import find_run_files, read_run
 
 QUIET = ["callbacks.heatmaps.num_images=2"]
@@ -121,7 +121,9 @@ def test_aggregate_takes_hydra_style_and_argparse_arguments(
     metrics = {"model": "rd", "data": "synthetic", "category": "stripes", "seed": 0}
     metrics |= {"image_auroc": 0.9, "pixel_auroc": 0.8, "pixel_aupro": 0.7}
     (job / "metrics.json").write_text(json.dumps(metrics))
-    proc = run("kdad.cli.aggregate", [given.format(sweep=sweep), "plots=false"], env, tmp_path)
+    proc = run_in_process(
+        "kdad.cli.aggregate", [given.format(sweep=sweep), "plots=false"], env, tmp_path
+    )
     assert "rd" in proc.stdout and (sweep / "aggregate.md").is_file()
-    bad = run("kdad.cli.aggregate", [str(sweep), "colour=red"], env, tmp_path, expect=2)
+    bad = run_in_process("kdad.cli.aggregate", [str(sweep), "colour=red"], env, tmp_path, expect=2)
     assert "colour=red: unknown key" in bad.stderr

@@ -409,6 +409,9 @@ def train_cli(
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+# Slow (make test-all): tests/models/test_learning.py trains HKT and HKT+ through the same
+# command on every run of the default suite; this one adds the ResNet teacher.
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["hkt", "hkt_plus"])
 def test_short_run_separates_anomalies(model: str, tmp_path: Path, kdad_cache: Path) -> None:
     metrics = train_cli(tmp_path, kdad_cache, f"model={model}")
