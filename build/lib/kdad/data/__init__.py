@@ -1,6 +1,11 @@
-"""Data: dataset layouts, the synthetic generator, preprocessing and the Lightning data module."""
+"""Data: dataset layouts, the synthetic generator, preprocessing and the Lightning data module.
 
-from kdad.data.datamodule import LAYOUTS, AnomalyDataModule
+The data module (``AnomalyDataModule``, ``LAYOUTS``) is imported on first use, so that
+``kdad-download`` and other users of the layouts do not pay for importing Lightning.
+"""
+
+from typing import Any
+
 from kdad.data.dataset import AnomalyDataset
 from kdad.data.layouts import (
     BTAD_CATEGORIES,
@@ -26,6 +31,17 @@ from kdad.data.transforms import (
     load_image,
     load_mask,
 )
+
+_LAZY = {"AnomalyDataModule", "LAYOUTS"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from kdad.data import datamodule
+
+        return getattr(datamodule, name)
+    raise AttributeError(f"module 'kdad.data' has no attribute {name!r}")
+
 
 __all__ = [
     "BTAD_CATEGORIES",

@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdad.config import CONFIG_DIR
 from kdad.errors import KDADError
+from kdad.io.atomic import atomic_path
 
 log = logging.getLogger("kdad")
 
@@ -102,46 +103,49 @@ def fetch(
             log.info("using the verified archive already at %s", target)
             return target
         log.warning("%s does not match the expected checksum; downloading it again", target)
-    part = target.with_name(f".{target.name}.part")
-    part.unlink(missing_ok=True)  # never resume a half-written file
     request = urllib.request.Request(url, headers={"User-Agent": "kdad-download"})
     digest, received = hashlib.sha256(), 0
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response, open(part, "wb") as out:
-            announced = response.length  # Content-Length, if the server sends one
-            total = announced or size
-            with _progress(total, target.name, progress) as bar:
-                while chunk := response.read(CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-            out.flush()
-            os.fsync(out.fileno())
-        if announced is not None and received < announced:  # the connection dropped early
-            raise KDADError(
-                f"download of {url} was interrupted after {received} of {announced} bytes; "
-                "nothing was kept, run the command again"
-            )
-        if size and received != int(size):
-            raise KDADError(
-                f"download of {url}: got {received} bytes, expected {int(size)}; nothing was kept "
-                f"(if the official file changed, set datasets.<name>.size)"
-            )
-        actual = digest.hexdigest()
-        if sha256 and actual != sha256.lower():
-            raise KDADError(
-                f"download of {url}: SHA-256 {actual} does not match the expected {sha256.lower()}; "
-                "nothing was kept (a corrupted or changed file; if the official archive changed, "
-                "set datasets.<name>.sha256)"
-            )
-        if not sha256:
-            log.warning(
-                "no checksum configured for %s: not verified (its SHA-256 is %s; put it in datasets.<name>.sha256)",
-                url,
-                actual,
-            )
-        os.replace(part, target)
+        # .<name>.part, never resumed: a stale one is replaced; moved onto target only once
+        # verified, removed on any error.
+        with atomic_path(target, suffix=".part", fixed=True) as part:
+            with (
+                urllib.request.urlopen(request, timeout=timeout) as response,
+                open(part, "wb") as out,
+            ):
+                announced = response.length  # Content-Length, if the server sends one
+                total = announced or size
+                with _progress(total, target.name, progress) as bar:
+                    while chunk := response.read(CHUNK):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        received += len(chunk)
+                        bar.update(len(chunk))
+                out.flush()
+                os.fsync(out.fileno())
+            if announced is not None and received < announced:  # the connection dropped early
+                raise KDADError(
+                    f"download of {url} was interrupted after {received} of {announced} bytes; "
+                    "nothing was kept, run the command again"
+                )
+            if size and received != int(size):
+                raise KDADError(
+                    f"download of {url}: got {received} bytes, expected {int(size)}; nothing was kept "
+                    f"(if the official file changed, set datasets.<name>.size)"
+                )
+            actual = digest.hexdigest()
+            if sha256 and actual != sha256.lower():
+                raise KDADError(
+                    f"download of {url}: SHA-256 {actual} does not match the expected {sha256.lower()}; "
+                    "nothing was kept (a corrupted or changed file; if the official archive changed, "
+                    "set datasets.<name>.sha256)"
+                )
+            if not sha256:
+                log.warning(
+                    "no checksum configured for %s: not verified (its SHA-256 is %s; put it in datasets.<name>.sha256)",
+                    url,
+                    actual,
+                )
     except urllib.error.HTTPError as exc:
         raise KDADError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, EOFError) as exc:
@@ -150,8 +154,6 @@ def fetch(
             f"download of {url} failed or was interrupted ({type(exc).__name__}: {reason}); "
             "nothing was kept, run the command again"
         ) from None
-    finally:
-        part.unlink(missing_ok=True)
     return target
 
 

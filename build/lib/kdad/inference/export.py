@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import warnings
 from collections.abc import Iterator
 from importlib import metadata as importlib_metadata
@@ -39,7 +38,7 @@ from torch import Tensor, nn
 from kdad.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from kdad.engine.hydra import output_dir
 from kdad.errors import KDADError
-from kdad.io.atomic import write_json_atomic
+from kdad.io.atomic import atomic_path, write_json_atomic
 from kdad.lightning.loading import load_module
 from kdad.lightning.module import DistillationModule
 from kdad.models.base import DistillationModel
@@ -236,8 +235,8 @@ def export_module(
     example = torch.randn(example_batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     model = InferenceModel(module.net).eval()
     meta = describe(module, fmt, dynamic_batch, example_batch)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    try:
+    # Written beside the target and moved into place only after the check passed.
+    with atomic_path(path, suffix=f".tmp{path.suffix}", fixed=True) as tmp:
         if fmt == "onnx":
             write_onnx(model, example, tmp, meta, opset, dynamo, dynamic_batch)
         else:
@@ -259,9 +258,6 @@ def export_module(
                 diffs["score_max_abs_diff"],
                 batch,
             )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     write_json_atomic(path.with_name(path.name + ".json"), meta)
     return meta
 

@@ -28,16 +28,22 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+def atomic_path(path: str | Path, suffix: str = ".tmp", fixed: bool = False) -> Iterator[Path]:
     """A temporary path beside ``path``, moved onto it when the block ends without error.
 
     Readers see the old file or the new one, never a part; on error the temporary file is
-    removed and ``path`` is untouched.
+    removed and ``path`` is untouched. ``fixed=True`` names it ``.<name><suffix>`` (replacing
+    one a killed process left) instead of a unique name: for large files (downloads, exports),
+    so that a kill -9 leaves at most one stale part, which the next attempt overwrites.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
+    if fixed:
+        tmp = str(path.with_name(f".{path.name}{suffix}"))
+        Path(tmp).unlink(missing_ok=True)
+    else:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+        os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users

@@ -122,7 +122,8 @@ class NormalFeatureBank(nn.Module):
             teacher_maps = F.interpolate(
                 teacher_maps, size=size, mode="bilinear", align_corners=False
             )
-        self.features = teacher_maps.detach().float().contiguous()
+        # Channels-last memory: the 1x1 projection and the per-position reads are faster.
+        self.features = teacher_maps.detach().float().contiguous(memory_format=torch.channels_last)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -166,13 +167,15 @@ class NormalFeatureBank(nn.Module):
         if self.recall == "flattened":
             sim = F.normalize(student.flatten(1), dim=1) @ F.normalize(bank.flatten(1), dim=1).T
             return sim, bank
-        # One small matrix product per position: (P, B, C) @ (P, C, N) -> (P, B, N). A batched
-        # GEMM, not a (B, N, P, C) broadcast product (experiments/benchmark: NFERD's step cost).
-        b, _, h, w = student.shape
-        queries = F.normalize(student, dim=1).flatten(2).permute(2, 0, 1)
-        keys = F.normalize(bank, dim=1).flatten(2).permute(2, 1, 0)
-        sim = torch.bmm(queries, keys)  # (P, B, N)
-        return sim.permute(1, 2, 0).reshape(b, -1, h, w), bank
+        # One small matrix product per position: (P, B, C) @ (P, C, N) -> (P, B, N), from
+        # position-major (channels-last) copies of both, so the batched GEMM reads contiguous
+        # C-vectors; returned as a (B, N, H, W) view. A GEMM over NCHW-strided views, or a
+        # broadcast product, costs ~50x more (experiments/benchmark: NFERD's step cost).
+        h, w = student.shape[-2:]
+        queries = _positions(F.normalize(student, dim=1))  # (B, P, C)
+        keys = _positions(F.normalize(bank, dim=1))  # (N, P, C)
+        sim = torch.matmul(queries.transpose(0, 1), keys.permute(1, 2, 0))  # (P, B, N)
+        return sim.permute(1, 2, 0).unflatten(2, (h, w)), bank
 
     @property
     def scale(self) -> Tensor | float:
@@ -230,11 +233,19 @@ class NormalFeatureBank(nn.Module):
             recalled = (mix @ source.flatten(1)).view(-1, *source.shape[1:])
         else:  # gather the K entries' vectors at each position (K/N of a dense mix's work)
             n, c, h, w = source.shape
-            entries = source.permute(0, 2, 3, 1).reshape(n, h * w, c)  # (N, P, C)
-            picked = entries[index.flatten(2), torch.arange(h * w, device=student.device)]
+            table = _positions(source).reshape(n * h * w, c)  # row n*P + p: entry n at p
+            rows = index.flatten(2) * (h * w) + torch.arange(h * w, device=student.device)
+            picked = F.embedding(rows, table)  # (B, K, P, C), one row lookup per entry
             recalled = (weights.flatten(2).unsqueeze(-1) * picked).sum(1)  # (B, P, C)
-            recalled = recalled.view(-1, h, w, c).permute(0, 3, 1, 2)
+            recalled = recalled.view(-1, h, w, c).permute(0, 3, 1, 2)  # channels-last memory
         return recalled if self.similarity_grad else self.proj(recalled)
+
+
+def _positions(maps: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, H*W, C): each position's C-vector contiguous (a view of
+    channels-last memory, else one copy)."""
+    b, c, h, w = maps.shape
+    return maps.permute(0, 2, 3, 1).reshape(b, h * w, c)
 
 
 def select_bank_images(num_images: int, size: int, seed: int) -> list[int]:
