@@ -154,3 +154,20 @@ def test_user_config_dir_composes_with_kdads_groups(
         tmp_path,
     )
     assert "backbone: resnet34" in proc.stdout
+
+
+def test_sdist_carries_the_configs(tmp_path: Path) -> None:
+    """The source distribution (what `pip install kdad` builds from without a wheel) holds
+    every YAML of conf/, so the wheel built from it ships them too."""
+    import tarfile
+
+    _sh(
+        [sys.executable, "-c",
+         f"from setuptools import build_meta; build_meta.build_sdist({str(tmp_path)!r})"],
+        cwd=ROOT,
+    )  # fmt: skip
+    (sdist,) = tmp_path.glob("kdad-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = {n.split("/", 1)[1] for n in archive.getnames() if "/" in n}
+    expected = {p.relative_to(ROOT).as_posix() for p in CONF.rglob("*.yaml")}
+    assert expected <= names, sorted(expected - names)
