@@ -22,7 +22,9 @@ $(BIN)/python:
 # Re-install when the package's metadata changes.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# -qq: errors only. setuptools announces every editable install of a package-dir mapping
+	@# (conf/ -> kdad.conf) with an "Editable installation" notice kdad cannot avoid.
+	$(BIN)/python -m pip install -qq -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
