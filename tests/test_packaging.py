@@ -4,6 +4,7 @@ and a user's own config folder composing with kdad's groups."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -26,13 +27,30 @@ def _sh(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     return proc.stdout + proc.stderr
 
 
+# What a source tree of kdad holds for building (setuptools writes build/ and *.egg-info
+# beside it, so the tests build from a copy and leave the checkout untouched).
+SOURCE = ("pyproject.toml", "README.md", "kdad", "conf")
+
+
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """kdad's wheel, built from this checkout without network (the installed setuptools)."""
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tree = tmp_path_factory.mktemp("source")
+    for name in SOURCE:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, tree / name)
+    return tree
+
+
+@pytest.fixture(scope="module")
+def wheel(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """kdad's wheel, built from a copy of this checkout without network (the installed
+    setuptools)."""
     dist = tmp_path_factory.mktemp("dist")
     _sh(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-         "--wheel-dir", str(dist), str(ROOT)],
+         "--wheel-dir", str(dist), str(source)],
         cwd=dist,
     )  # fmt: skip
     (built,) = dist.glob("kdad-*.whl")
@@ -156,7 +174,7 @@ def test_user_config_dir_composes_with_kdads_groups(
     assert "backbone: resnet34" in proc.stdout
 
 
-def test_sdist_carries_the_configs(tmp_path: Path) -> None:
+def test_sdist_carries_the_configs(source: Path, tmp_path: Path) -> None:
     """The source distribution (what `pip install kdad` builds from without a wheel) holds
     every YAML of conf/, so the wheel built from it ships them too."""
     import tarfile
@@ -164,7 +182,7 @@ def test_sdist_carries_the_configs(tmp_path: Path) -> None:
     _sh(
         [sys.executable, "-c",
          f"from setuptools import build_meta; build_meta.build_sdist({str(tmp_path)!r})"],
-        cwd=ROOT,
+        cwd=source,
     )  # fmt: skip
     (sdist,) = tmp_path.glob("kdad-*.tar.gz")
     with tarfile.open(sdist) as archive:
