@@ -28,11 +28,17 @@ def run(
         text=True,
         timeout=600,
     )
+    return _expected(proc, expect)
+
+
+def _expected(
+    proc: subprocess.CompletedProcess, expect: int, how: str = ""
+) -> subprocess.CompletedProcess:
     if proc.returncode != expect:
         # kdad's own one-line errors first: a long log tail must not push them out of sight.
         errors = [line for line in proc.stderr.splitlines() if line.startswith("kdad:")]
         raise AssertionError(
-            f"{module} {args} exited {proc.returncode}, expected {expect}\n"
+            f"{' '.join(map(str, proc.args))} exited {proc.returncode}{how}, expected {expect}\n"
             + "\n".join(errors)
             + f"\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
         )
@@ -82,9 +88,4 @@ def run_in_process(
         os.environ.update(saved_env)
         kdad_hydra.FAILED.clear()
     proc = subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
-    if code != expect:
-        raise AssertionError(
-            f"{module} {args} exited {code} (in process), expected {expect}\n"
-            f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
-        )
-    return proc
+    return _expected(proc, expect, " (in process)")

@@ -7,7 +7,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 KDAD = ROOT / "kdad"
@@ -18,8 +17,9 @@ def _module(path: Path) -> str:
     return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
 
 
-def _imports(path: Path) -> set[str]:
-    """Every ``kdad...`` module ``path`` imports, at the top or inside a function."""
+def _imports(path: Path, prefix: str = "kdad") -> set[str]:
+    """Every module (and ``from`` name) ``path`` imports, at the top or inside a function,
+    under ``prefix`` ("" for all)."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
@@ -29,7 +29,7 @@ def _imports(path: Path) -> set[str]:
             found.update(f"{node.module}.{a.name}" for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level:
             raise AssertionError(f"{path}: relative import; kdad imports by absolute name")
-    return {name for name in found if name == "kdad" or name.startswith("kdad.")}
+    return {n for n in found if not prefix or n == prefix or n.startswith(prefix + ".")}
 
 
 def _part(module: str) -> str:
@@ -54,6 +54,7 @@ def test_packages_listed_in_pyproject_are_the_folders() -> None:
     """pyproject's explicit package list is every kdad folder with an __init__.py, plus the
     configs (conf/ shipped as kdad.conf and its groups): a new folder cannot be left out of
     the wheel, and no folder of modules is an accidental namespace package."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     listed = set(
         tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     )
@@ -77,7 +78,6 @@ def test_subpackages_import_each_other_without_cycles() -> None:
     for path in SOURCES:
         here = _part(_module(path))
         graph[here].update(_part(m) for m in _imports(path) if _part(m) not in (here, "kdad"))
-    order: list[str] = []
     state: dict[str, str] = {}
 
     def visit(node: str, trail: list[str]) -> None:
@@ -89,7 +89,6 @@ def test_subpackages_import_each_other_without_cycles() -> None:
         for nxt in sorted(graph.get(node, ())):
             visit(nxt, [*trail, node])
         state[node] = "done"
-        order.append(node)
 
     for node in sorted(graph):
         visit(node, [])
@@ -111,21 +110,13 @@ def test_subpackages_import_each_other_without_cycles() -> None:
 def test_lower_layers_do_not_reach_up(science: str, forbidden: tuple[str, ...]) -> None:
     """The science stays plain PyTorch (no Lightning, Hydra or W&B in models/), and nothing
     below the engine imports it or an entry point."""
-    offenders = []
-    for path in SOURCES:
-        if not _module(path).startswith(science):
-            continue
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            offenders += [
-                f"{path.relative_to(ROOT)}: {n}"
-                for n in names
-                if any(n == f or n.startswith(f + ".") for f in forbidden)
-            ]
+    offenders = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in SOURCES
+        if _module(path).startswith(science)
+        for name in _imports(path, prefix="")
+        if any(name == f or name.startswith(f + ".") for f in forbidden)
+    ]
     assert not offenders, offenders
 
 

@@ -201,9 +201,7 @@ def entry_point(
 
     register_resolvers()
 
-    def job(cfg: DictConfig) -> Any:
-        return guarded(task)(cfg)
-
+    job = guarded(task)  # a new function: naming its module does not touch ``task``
     job.__module__ = module
     composed = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(job)
 

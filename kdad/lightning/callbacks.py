@@ -294,6 +294,10 @@ class ScoreWriter(L.Callback):
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._rows: list[list[Any]] = []
         self._thumbs: dict[str, np.ndarray] = {}
+        # Every step-th image of the path-ordered test split gets a thumbnail.
+        dataset = getattr(trainer.datamodule, "test_dataset", None)
+        count = len(dataset) if dataset is not None else 0
+        self._thumbnail_step = max(1, -(-count // max(self.max_thumbnails, 1)))
 
     def on_test_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
@@ -308,16 +312,11 @@ class ScoreWriter(L.Callback):
             for i, path in enumerate(batch["path"]):
                 # The test split is in path order and "index" is the position in it: keep only
                 # every step-th image's thumbnail, the ones the table shows.
-                if int(batch["index"][i]) % self._thumbnail_step(trainer) != 0:
+                if int(batch["index"][i]) % self._thumbnail_step != 0:
                     continue
                 image = Image.fromarray(preprocess.denormalize(batch["image"][i].cpu()))
                 image.thumbnail((self.thumbnail_size, self.thumbnail_size))
                 self._thumbs[str(path)] = np.asarray(image)
-
-    def _thumbnail_step(self, trainer: L.Trainer) -> int:
-        dataset = getattr(trainer.datamodule, "test_dataset", None)
-        count = len(dataset) if dataset is not None else 0
-        return max(1, -(-count // self.max_thumbnails))
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rows = sorted(_gather_objects(trainer, self._rows))  # every process's share, in path order

@@ -27,6 +27,8 @@ class ChannelAttention(nn.Module):
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
         hidden = max(channels // reduction, 1)
+        # Kept as CBAM's Sequential so the parameters keep their names (mlp.0, mlp.2) in
+        # checkpoints; forward uses the two weights directly (the ReLU is F.relu there).
         self.mlp = nn.Sequential(
             nn.Conv2d(channels, hidden, 1, bias=False),
             nn.ReLU(inplace=True),
