@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,27 @@ def _config_dir() -> Path:
     # A checkout on sys.path without installing: conf/ beside kdad/.
     return Path(__file__).resolve().parent.parent / "conf"
 
+
+def launch_dir() -> str:
+    """The folder the command was started in, for ``paths.root_dir`` (resolver ``kdad_cwd``).
+
+    Hydra's own ``${hydra:runtime.cwd}`` is not set yet when a multirun composes
+    ``hydra.sweep.dir``, so a multirun without ``hydra.sweep.dir`` crashed on it; inside a job
+    Hydra's recorded value is used (a launcher may start jobs elsewhere), before that the
+    process's working directory, which Hydra does not change (``hydra.job.chdir=false``).
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        cwd = OmegaConf.select(HydraConfig.get(), "runtime.cwd", default=None)
+        if cwd:
+            return str(cwd)
+    return os.getcwd()
+
+
+if not OmegaConf.has_resolver("kdad_cwd"):
+    # Registered on import: every composition of kdad's configs goes through CONFIG_DIR.
+    OmegaConf.register_new_resolver("kdad_cwd", launch_dir)
 
 # An absolute folder, given to ``hydra.main(config_path=...)``; users add their own config
 # folders in front of it with ``--config-dir`` or ``hydra.searchpath`` (README, configs).

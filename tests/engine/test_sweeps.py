@@ -62,3 +62,34 @@ def test_optuna_search_runs_two_trials(env: dict[str, str], tmp_path: Path) -> N
     assert len(values) == 2
     assert results["best_value"] == max(values)  # Optuna got the metric the jobs returned
     assert set(results["best_params"]) == {"optimizer.lr", "model.anomaly_map.sigma"}
+
+
+# A multirun typed as a user types it: no hydra.sweep.dir, started in an empty folder outside
+# the checkout. (Every other sweep test passes hydra.sweep.dir; that hid a crash of this one.)
+AS_TYPED = {
+    "basic": ["model=hkt", "model.cbam=true,false"],
+    "submitit_local": ["launcher=local_cpu", "seed=1,2"],
+    "optuna": [
+        "hparams_search=rd_optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=1",
+    ],
+}
+
+
+@pytest.mark.parametrize("launcher", list(AS_TYPED))
+def test_multirun_without_sweep_dir_from_an_empty_folder(
+    launcher: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    env = {k: v for k, v in env.items() if k not in ("KDAD_ROOT", "KDAD_LOG_DIR")}
+    args = ["-m", *AS_TYPED[launcher], *TINY, *QUIET]
+    if launcher == "optuna":
+        args.remove("-m")  # the search config sets hydra.mode=MULTIRUN itself
+    run("kdad.cli.train", args, env, folder)
+    sweeps = list((folder / "logs" / "train" / "multiruns").iterdir())
+    assert len(sweeps) == 1, sweeps  # the default sweep folder, under the folder typed in
+    status = json.loads((sweeps[0] / "sweep_status.json").read_text())
+    assert status == {"jobs": 2, "finished": 2, "failed": []}
+    assert sorted(p.parent.name for p in sweeps[0].rglob("metrics.json")) == ["0", "1"]
