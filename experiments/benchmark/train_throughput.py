@@ -28,9 +28,6 @@ from pathlib import Path
 import torch
 
 from kdad.lightning.teacher_cache import TeacherFeatureCache
-from kdad.models.hkt import HKT
-from kdad.models.nferd import NFERD
-from kdad.models.rd4ad import ReverseDistillation
 
 
 def fill_bank(net: torch.nn.Module, size: int, device: torch.device) -> None:
@@ -147,15 +144,18 @@ def anomalib_step(
 def build_kdad(
     name: str, backbone: str, size: int, device: torch.device, channels_last: bool
 ) -> torch.nn.Module:
-    if name == "rd":
-        net = ReverseDistillation(backbone, pretrained=False)
-    elif name == "hkt_plus":
-        net = HKT(backbone, pretrained=False, extra_layers=True)
-    elif name == "nferd":
-        net = NFERD(backbone, pretrained=False)
-    else:
-        raise ValueError(name)
-    net = net.to(device)
+    """The variant exactly as ``model=<name>`` composes it (conf/model/<name>.yaml), with a
+    random teacher of ``backbone``."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from kdad.config import CONFIG_DIR
+    from kdad.lightning.module import build_net
+
+    overrides = [f"model={name}", f"model.backbone={backbone}", "model.pretrained=false"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    net = build_net(OmegaConf.to_container(cfg.model, resolve=True)).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     fill_bank(net, size, device)  # after the conversion, as in training (setup, then before_fit)

@@ -1,4 +1,4 @@
-"""Data: dataset layouts, the synthetic generator, preprocessing and the Lightning data module.
+"""Data: dataset layouts, the synthetic and photos generators, preprocessing and the Lightning data module.
 
 The data module (``AnomalyDataModule``, ``LAYOUTS``) is imported on first use, so that
 ``kdad-download`` and other users of the layouts do not pay for importing Lightning.
@@ -16,6 +16,7 @@ from kdad.data.layouts import (
     folder_samples,
     mvtec_samples,
 )
+from kdad.data.photos import PHOTO_CATEGORIES, ensure_photos
 from kdad.data.synthetic import (
     DEFECT_TYPES,
     SUBTLE_DEFECTS,
@@ -51,6 +52,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "LAYOUTS",
     "MVTEC_CATEGORIES",
+    "PHOTO_CATEGORIES",
     "SUBTLE_DEFECTS",
     "SYNTHETIC_CATEGORIES",
     "VISIBLE_DEFECTS",
@@ -60,6 +62,7 @@ __all__ = [
     "Sample",
     "btad_samples",
     "denormalize",
+    "ensure_photos",
     "ensure_synthetic",
     "folder_samples",
     "load_image",

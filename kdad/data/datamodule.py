@@ -13,11 +13,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from kdad.data.dataset import AnomalyDataset
 from kdad.data.layouts import Sample, btad_samples, folder_samples, mvtec_samples
+from kdad.data.photos import PHOTO_CATEGORIES, ensure_photos
 from kdad.data.synthetic import SYNTHETIC_CATEGORIES, ensure_synthetic
 from kdad.data.transforms import Preprocess
 from kdad.errors import KDADError
 
-LAYOUTS = ("mvtec", "btad", "folder", "synthetic")
+LAYOUTS = ("mvtec", "btad", "folder", "synthetic", "photos")
+# Layouts generated on first use: their categories and generator.
+GENERATED = {
+    "synthetic": (SYNTHETIC_CATEGORIES, ensure_synthetic),
+    "photos": (PHOTO_CATEGORIES, ensure_photos),
+}
 _FOLDER_ONLY = ("normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir", "test_fraction")
 
 
@@ -53,7 +59,8 @@ class AnomalyDataModule(L.LightningDataModule):
 
     The validation set is a seeded random ``val_fraction`` of the normal training images
     (never test images); with ``val_fraction=0`` there is none and Lightning skips
-    validation. ``layout="synthetic"`` generates its data under ``root`` on first use;
+    validation. ``layout="synthetic"`` and ``layout="photos"`` generate their data under ``root`` on first
+    use (parameters: ``synthetic`` / ``photos``);
     ``test_fraction`` (folder layout) is the share of ``normal_dir`` held out as normal test
     images when no ``normal_test_dir`` is given (default 0.2). ``mask_resize``: how test masks
     are resampled to the input size, ``nearest`` or ``bilinear`` then ``> 0.5`` (the official
@@ -80,6 +87,7 @@ class AnomalyDataModule(L.LightningDataModule):
         normal_test_dir: str | None = None,
         test_fraction: float | None = None,
         synthetic: Mapping | None = None,
+        photos: Mapping | None = None,
         pin_memory: bool | str = "auto",
         cache: bool | str = "auto",
         cache_max_gb: float = 4.0,
@@ -103,11 +111,13 @@ class AnomalyDataModule(L.LightningDataModule):
                 raise KDADError(f"layout '{layout}' needs a category (data.category=...)")
         elif normal_dir is None:
             raise KDADError("layout 'folder' needs normal_dir (a folder of normal images)")
-        if synthetic is not None and layout != "synthetic":
-            raise KDADError(f"synthetic parameters are only for layout 'synthetic', not '{layout}'")
-        if layout == "synthetic" and category not in SYNTHETIC_CATEGORIES:
+        generator_params = {"synthetic": synthetic, "photos": photos}
+        for name, given in generator_params.items():
+            if given is not None and layout != name:
+                raise KDADError(f"{name} parameters are only for layout '{name}', not '{layout}'")
+        if layout in GENERATED and category not in GENERATED[layout][0]:
             raise KDADError(
-                f"unknown synthetic category '{category}'; valid: {', '.join(SYNTHETIC_CATEGORIES)}"
+                f"unknown {layout} category '{category}'; valid: {', '.join(GENERATED[layout][0])}"
             )
         _positive_int("batch_size", batch_size)
         _positive_int("eval_batch_size", batch_size if eval_batch_size is None else eval_batch_size)
@@ -136,7 +146,7 @@ class AnomalyDataModule(L.LightningDataModule):
         self.cache, self.cache_max_gb = cache, float(cache_max_gb)
         self.val_fraction, self.split_seed = float(val_fraction), split_seed
         self.folder_args = folder_args
-        self.synthetic = dict(synthetic or {})
+        self.generator_params = dict(generator_params.get(layout) or {})
 
         self.dataset_name = layout
         if layout == "folder":
@@ -171,19 +181,20 @@ class AnomalyDataModule(L.LightningDataModule):
         return torch.cuda.is_available()
 
     def prepare_data(self) -> None:
-        """Generate synthetic data once (Lightning calls this on one process only)."""
-        if self.layout == "synthetic":
-            ensure_synthetic(self.root, self.category, **self.synthetic)
+        """Generate synthetic or photos data once (Lightning calls this on one process only)."""
+        if self.layout in GENERATED:
+            GENERATED[self.layout][1](self.root, self.category, **self.generator_params)
 
     def _samples(self) -> tuple[list[Sample], list[Sample]]:
         if self.layout == "mvtec":
             return mvtec_samples(self.root, self.category)
         if self.layout == "btad":
             return btad_samples(self.root, self.category)
-        if self.layout == "synthetic":
+        if self.layout in GENERATED:
             # Safe to call again after prepare_data: a finished tree is just reused.
+            ensure = GENERATED[self.layout][1]
             return mvtec_samples(
-                ensure_synthetic(self.root, self.category, **self.synthetic), self.category
+                ensure(self.root, self.category, **self.generator_params), self.category
             )
         args = {k: v for k, v in self.folder_args.items() if v is not None}
         return folder_samples(self.root, seed=self.split_seed, **args)

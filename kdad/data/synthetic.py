@@ -7,30 +7,21 @@ Visible defects are obvious in local statistics, so small models with random-wei
 can learn them; subtle ones are low-contrast or geometric and are there for realism.
 
 Data are generated on first use by :func:`ensure_synthetic` under
-``<root>/<parameter folder>/<category>``; a category is written into a temporary folder beside
-its target and renamed into place, so a crash never leaves a half-written category and
-two processes generating at once cannot corrupt it (the loser keeps the winner's tree).
+``<root>/<parameter folder>/<category>``, atomically (:mod:`kdad.data.generated`).
 Every random number derives from ``(seed, crc32(category/split/defect/index))``, so the same
 parameters give byte-identical files on every machine.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
 import math
-import os
-import shutil
-import tempfile
-import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from kdad.data.generated import check_params, ensure_tree, stable_rng, write_png
 from kdad.errors import KDADError
 
 GENERATOR_VERSION = 1  # bump when the images change, so old caches are not reused
@@ -308,9 +299,7 @@ _DEFECTS = {
 }
 
 
-def _rng(seed: int, *key: object) -> np.random.Generator:
-    """A generator seeded stably (crc32, not Python's salted hash) from ``seed`` and ``key``."""
-    return np.random.default_rng([seed, zlib.crc32("/".join(map(str, key)).encode())])
+_rng = stable_rng
 
 
 def render_sample(
@@ -343,7 +332,7 @@ def render_sample(
 
 def _write_png(path: Path, array: np.ndarray) -> None:
     """Write one PNG (a separate function so tests can make it fail mid-generation)."""
-    Image.fromarray(array).save(path, compress_level=1)  # fast; output is deterministic
+    write_png(path, array)
 
 
 def _generate(folder: Path, category: str, params: dict) -> None:
@@ -371,12 +360,6 @@ def _generate(folder: Path, category: str, params: dict) -> None:
 
 
 def _check_params(params: dict) -> dict:
-    unknown = sorted(set(params) - set(DEFAULT_PARAMS))
-    if unknown:
-        raise KDADError(
-            f"unknown synthetic parameter(s) {', '.join(unknown)}; valid: {', '.join(DEFAULT_PARAMS)}"
-        )
-    merged = {**DEFAULT_PARAMS, **params}
     minimum = {
         "resolution": 16,
         "num_train": 1,
@@ -384,23 +367,12 @@ def _check_params(params: dict) -> dict:
         "num_test_per_defect": 0,
         "seed": 0,
     }
-    for key, value in merged.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum[key]:
-            raise KDADError(
-                f"synthetic parameter {key} must be an integer >= {minimum[key]}, got {value!r}"
-            )
+    merged = check_params("synthetic", params, DEFAULT_PARAMS, minimum)
     if merged["num_test_good"] + merged["num_test_per_defect"] == 0:
         raise KDADError(
             "synthetic parameters num_test_good and num_test_per_defect are both 0; no test set"
         )
     return merged
-
-
-def _marker_ok(folder: Path, marker: dict) -> bool:
-    try:
-        return json.loads((folder / MARKER).read_text()) == marker
-    except (OSError, ValueError):
-        return False
 
 
 def ensure_synthetic(root: str | Path, category: str, **params: int) -> Path:
@@ -420,53 +392,8 @@ def ensure_synthetic(root: str | Path, category: str, **params: int) -> Path:
         f"v{GENERATOR_VERSION}-res{params['resolution']}-train{params['num_train']}"
         f"-good{params['num_test_good']}-defect{params['num_test_per_defect']}-seed{params['seed']}"
     )
-    target = base / category
     marker = {"generator_version": GENERATOR_VERSION, "category": category, **params}
-    if _marker_ok(target, marker):
-        return base
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        _remove_stale(base, category)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{category}.tmp-", dir=base))
-    except OSError as exc:
-        raise KDADError(f"cannot create synthetic data folder {base}: {exc}") from exc
-    try:
-        _generate(tmp, category, params)
-        (tmp / MARKER).write_text(json.dumps(marker, sort_keys=True))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        _publish(tmp, target, marker)
-    except OSError as exc:  # disk full, permissions: the user can fix these
-        raise KDADError(f"cannot write synthetic data to {base}: {exc}") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already when the rename succeeded
-    return base
-
-
-def _remove_stale(base: Path, category: str, age_s: float = 6 * 3600.0) -> None:
-    """Delete temporary trees that killed processes left behind (no live one is that old)."""
-    now = time.time()
-    for pattern in (f".{category}.tmp-*", f".{category}.old-*"):
-        for path in base.glob(pattern):
-            with contextlib.suppress(OSError):
-                if now - path.stat().st_mtime > age_s:
-                    shutil.rmtree(path, ignore_errors=True)
-
-
-def _publish(tmp: Path, target: Path, marker: dict) -> None:
-    """Rename the finished ``tmp`` tree to ``target`` atomically."""
-    try:
-        os.rename(tmp, target)  # fails if another process already put a tree there
-        return
-    except OSError:
-        if _marker_ok(target, marker):
-            return  # lost the race: the winner's tree is identical, use it
-    # A tree without a valid marker (interrupted by hand, or edited): move it aside, replace.
-    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    try:
-        os.rename(target, trash / "old")
-        os.rename(tmp, target)
-    except OSError:
-        if not _marker_ok(target, marker):
-            raise
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
+    # _generate looked up at call time (tests replace it).
+    return ensure_tree(
+        base, category, marker, lambda folder: _generate(folder, category, params), MARKER
+    )

@@ -45,7 +45,7 @@ def build_module(cfg: DictConfig) -> DistillationModule:
     }
     return DistillationModule(
         model=OmegaConf.to_container(cfg.model, resolve=True),
-        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True) if cfg.optimizer else None,
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
         model_name=str(cfg.model_name),
         preprocess=preprocess,

@@ -120,7 +120,8 @@ class DistillationModule(L.LightningModule):
     Args:
         model: the variant's Hydra config (``_target_`` and constructor arguments).
         optimizer: a Hydra partial for ``torch.optim`` (``_partial_: true``), applied to the
-            trainable parameters only (the student side; the teacher is frozen).
+            trainable parameters only (the student side; the teacher is frozen); None for a
+            variant without trainable parameters.
         scheduler: an optional Hydra partial for ``torch.optim.lr_scheduler``, stepped per epoch.
         model_name: the variant's name (``rd``, ``stfpm``, ...), recorded in results.
         preprocess: image size, crop and normalisation the model was trained with, for reuse
@@ -130,7 +131,7 @@ class DistillationModule(L.LightningModule):
     def __init__(
         self,
         model: Mapping[str, Any],
-        optimizer: Mapping[str, Any],
+        optimizer: Mapping[str, Any] | None,
         scheduler: Mapping[str, Any] | None = None,
         model_name: str = "model",
         preprocess: Mapping[str, Any] | None = None,
@@ -181,9 +182,15 @@ class DistillationModule(L.LightningModule):
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
 
+    @property
+    def trains(self) -> bool:
+        """Whether the variant has trainable parameters (``model=knn`` has none: its "fit" is
+        the memory bank that :meth:`on_fit_start` builds)."""
+        return any(p.requires_grad for p in self.net.parameters())
+
     def on_train_start(self) -> None:
         self._teacher_cache = None
-        if self.teacher_cache_mode == "off":
+        if self.teacher_cache_mode == "off" or not self.trains:
             return
         dataset = getattr(self.trainer.train_dataloader, "dataset", None)
         try:
@@ -214,7 +221,9 @@ class DistillationModule(L.LightningModule):
             cache.store(index, targets, self._host_index)
         return targets
 
-    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor | None:
+        if not self.trains:
+            return None  # nothing to optimise: Lightning skips the step
         images = self._images(batch)
         targets = self._teacher_targets(batch, images)
         loss = self.net.loss(self._train_forward(images, targets))
@@ -237,6 +246,8 @@ class DistillationModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.net.parameters() if p.requires_grad]
+        if not params or not self.hparams.optimizer:
+            return None  # a training-free variant (model=knn)
         optimizer = instantiate(dict(self.hparams.optimizer), _convert_="all")(params)
         if not self.hparams.scheduler:
             return optimizer

@@ -99,6 +99,7 @@ from collections.abc import Mapping, Sequence
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.models import FeatureListNet
 from torch import Tensor, nn
 
@@ -110,6 +111,7 @@ from kdad.models.components.backbone import Teacher, create_feature_extractor
 from kdad.models.components.projector import Projector
 
 ALIGNMENTS = ("cross", "same", "both")
+CROSS_SCALES = ("top", "level")
 EXTRA_SOURCES = ("next_conv", "next_block", "random")
 
 
@@ -297,6 +299,9 @@ class HKT(DistillationModel):
         layers: teacher/student stages; the last is the "highest feature layer" (S1).
         pretrained, weights_path: teacher weights (see :class:`Teacher`).
         alignment: ``cross`` (every S_l -> P_l -> T_top), ``same`` (S_l <-> T_l) or ``both``.
+        cross_scale: where a cross pair is compared: ``top`` (P_l brings S_l down to T_top's
+            resolution) or ``level`` (P_l keeps S_l's resolution, its conv steps at stride 1,
+            and T_top is resized to it, bilinearly, parameter-free: a multi-scale map).
         projectors: S2's projectors; ``False`` is valid only with ``alignment="same"``.
         cbam, cbam_reduction, cbam_kernel_size: CBAM in the student (S3).
         extra_layers: HKT+ (S4): a frozen layer on the teacher's top layer and a trainable one
@@ -316,12 +321,13 @@ class HKT(DistillationModel):
         pretrained: bool = True,
         weights_path: str | None = None,
         alignment: str = "cross",
+        cross_scale: str = "top",
         projectors: bool = True,
         cbam: bool = True,
         cbam_reduction: int = 16,
         cbam_kernel_size: int = 7,
         extra_layers: bool = False,
-        extra_source: str = "random",
+        extra_source: str = "next_conv",
         extra_kernel_size: int = 1,
         extra_seed: int = 0,
         loss: str = "cosine",
@@ -331,6 +337,10 @@ class HKT(DistillationModel):
         super().__init__(distance, anomaly_map)
         if alignment not in ALIGNMENTS:
             raise KDADError(f"model.alignment={alignment!r}: expected one of {list(ALIGNMENTS)}")
+        if cross_scale not in CROSS_SCALES:
+            raise KDADError(
+                f"model.cross_scale={cross_scale!r}: expected one of {list(CROSS_SCALES)}"
+            )
         if not projectors and alignment != "same":
             raise KDADError(
                 f"model.projectors=false with model.alignment={alignment}: cross-layer pairs need "
@@ -377,11 +387,14 @@ class HKT(DistillationModel):
             channels.append(top)
             reductions = [*reductions, reductions[-1] * stride]
 
-        self.pairing = alignment
+        self.pairing, self.cross_scale = alignment, cross_scale
         # Only the pairs used are built: ``same`` has no projector (no dead parameters).
+        # cross_scale=top: each projector brings its level down to the top layer's resolution;
+        # level: the same projector with stride-1 steps keeps the level's resolution, and the
+        # top layer is resized to it, parameter-free (the target has nothing to train).
         self.projectors = (
             nn.ModuleList(
-                Projector(c, top, reductions[-1] // r)
+                Projector(c, top, reductions[-1] // r, keep_resolution=cross_scale == "level")
                 for c, r in zip(channels, reductions, strict=True)
             )
             if alignment in ("cross", "both")
@@ -420,10 +433,14 @@ class HKT(DistillationModel):
             pairs += list(zip(targets, levels, strict=True))
         if self.pairing in ("cross", "both"):
             top = targets[-1]
-            pairs += [
-                (top, project(level))
-                for project, level in zip(self.projectors, levels, strict=True)
-            ]
+            for project, level in zip(self.projectors, levels, strict=True):
+                prediction = project(level)
+                target = top
+                if self.cross_scale == "level" and prediction.shape[-2:] != top.shape[-2:]:
+                    target = F.interpolate(
+                        top, size=prediction.shape[-2:], mode="bilinear", align_corners=False
+                    )
+                pairs.append((target, prediction))
         return pairs
 
     def loss(self, pairs: FeaturePairs) -> Tensor:
@@ -437,6 +454,7 @@ class HKT(DistillationModel):
 
 __all__ = [
     "ALIGNMENTS",
+    "CROSS_SCALES",
     "EXTRA_SOURCES",
     "HKT",
     "AttentionStudent",

@@ -176,7 +176,11 @@ def test_pairs_per_alignment_mode(alignment: str, names: list[str]) -> None:
 def test_extra_layers_only_with_hkt_plus() -> None:
     hkt, plus = small(), small(extra_layers=True)
     assert hkt.teacher_extra is None and hkt.student_extra is None and hkt.extra_source is None
-    assert plus.extra_source == "random"  # the measured default
+    # The default reading adds capacity: the teacher's next pretrained conv, a trainable
+    # non-linear student copy (not the linear re-parametrisation "random").
+    assert plus.extra_source == "next_conv"
+    assert isinstance(plus.teacher_extra, FrozenLayer)
+    assert any(isinstance(m, torch.nn.ReLU) for m in plus.student_extra.modules())
     assert plus.pair_names == [
         "cross:1->extra",
         "cross:2->extra",
@@ -353,7 +357,7 @@ def test_model_configs_build_hkt_and_hkt_plus() -> None:
         cfg = _compose([f"model={name}", "model.backbone=resnet18", "model.pretrained=false"])
         assert cfg.model_name == name and cfg.model.extra_layers is extra
         assert cfg.model.alignment == "cross" and cfg.model.projectors and cfg.model.cbam
-        assert cfg.model.extra_source == "random"
+        assert cfg.model.extra_source == "next_conv" and cfg.model.cross_scale == "top"
         net = build_net(OmegaConf.to_container(cfg.model, resolve=True))
         assert isinstance(net, HKT) and (net.teacher_extra is not None) is extra
 
@@ -440,3 +444,65 @@ def test_short_hkt_plus_run_with_the_pretrained_lite0_teacher(
     # AUROC 0.79 / 0.77; ~20 s of training on 2 CPU cores.
     assert metrics["image_auroc"] > 0.7, metrics
     assert metrics["pixel_auroc"] > 0.7, metrics
+
+
+# --- the cross pairs at every scale (model.cross_scale) --------------------------------------
+
+
+def test_cross_scale_level_compares_the_top_layer_at_every_levels_resolution() -> None:
+    top, level = small(cross_scale="top"), small(cross_scale="level")
+    images = torch.randn(2, 3, 64, 64)
+    assert [t.shape[-1] for t, _ in top(images)] == [4, 4, 4]
+    pairs = level(images)
+    assert [(t.shape[-1], p.shape[-1]) for t, p in pairs] == [(16, 16), (8, 8), (4, 4)]
+    assert all(t.shape[1] == 256 for t, _ in pairs)  # the top layer's channels at each level
+    # The same projector steps at stride 1: the same parameters, nothing on the teacher side.
+    assert level.num_parameters(True) == top.num_parameters(True)
+    assert level.num_parameters(False) == top.num_parameters(False)
+    with pytest.raises(KDADError, match="cross_scale"):
+        small(cross_scale="bottom")
+
+
+def test_cross_scale_level_target_cannot_collapse_and_a_planted_defect_is_found() -> None:
+    """Training cannot move the multi-scale target (the top layer resized, parameter-free,
+    from the frozen teacher): its variance stays at its floor, and after a short training on
+    normal textures a planted defect scores above its surroundings."""
+    from kdad.data import synthetic as synth
+
+    torch.manual_seed(0)
+    model = HKT("tf_efficientnet_lite0", pretrained=True, cross_scale="level")
+
+    def tensor(array) -> torch.Tensor:
+        x = torch.from_numpy(array).permute(2, 0, 1).float() / 255
+        mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+        return (x - mean[:, None, None]) / std[:, None, None]
+
+    normal = torch.stack(
+        [tensor(synth.render_sample("stripes", "train", i, resolution=64)[0]) for i in range(16)]
+    )
+
+    def target_std() -> list[float]:
+        with torch.no_grad():
+            return [float(t.std(dim=(0, 2, 3)).mean()) for t, _ in model.eval()(normal)]
+
+    floor = target_std()
+    assert min(floor) > 0.05
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    losses = []
+    for step in range(60):
+        model.train()
+        batch = normal[(step * 8) % 16 : (step * 8) % 16 + 8]
+        loss = model.loss(model(batch))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+        if step % 20 == 19:
+            assert target_std() == pytest.approx(floor)  # the target never moves
+    assert losses[-1] < 0.7 * losses[0]
+    image, mask, _ = synth.render_sample("stripes", "test", 0, "color_spot", resolution=64)
+    model.eval()
+    with torch.no_grad():
+        anomaly_map = model.predict(tensor(image)[None])[0][0, 0]
+    inside, outside = anomaly_map[torch.from_numpy(mask)], anomaly_map[~torch.from_numpy(mask)]
+    assert inside.mean() > 1.5 * outside.mean()

@@ -26,6 +26,8 @@ from kdad.models.nferd import NFERD
 from kdad.models.rd4ad import ReverseDistillation
 
 NFB_DEFAULTS = defaults("model/nferd.yaml", "model.nfb")
+# model=nferd_plus: kdad's variant, nferd's bank settings with its own on top.
+NFB_PLUS = {**NFB_DEFAULTS, **defaults("model/nferd_plus.yaml", "model.nfb")}
 
 SIZE = 64
 # The short real run: textures generated at the model's size (quick, no resizing), 30 normal
@@ -178,12 +180,14 @@ def test_per_position_recall_matches_a_loop_over_positions() -> None:
     torch.testing.assert_close(bank(student), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_default_recall_depends_on_the_input() -> None:
-    """Under the defaults, different images (and positions) recall different entries with
-    weights far from uniform (the paper's flattened reading at temperature 1 is ~uniform)."""
+def test_nferd_plus_recall_depends_on_the_input() -> None:
+    """Under nferd_plus, different images (and positions) recall different entries with
+    weights far from uniform (the paper's flattened reading with plain weights is ~uniform)."""
     torch.manual_seed(0)
-    cfg = {k: v for k, v in NFB_DEFAULTS.items() if k in ("top_k", "temperature", "recall")}
-    bank = NormalFeatureBank(8, 8, learn_temperature=NFB_DEFAULTS["learn_temperature"], **cfg)
+    cfg = {
+        k: v for k, v in NFB_PLUS.items() if k in ("top_k", "temperature", "recall", "weighting")
+    }
+    bank = NormalFeatureBank(8, 8, learn_temperature=NFB_PLUS["learn_temperature"], **cfg)
     entries = torch.randn(16, 8, 4, 4)
     bank.store(entries, size=(4, 4))
     # Each image: a noisy copy of entry i in its left half and of entry j in its right half.
@@ -196,13 +200,16 @@ def test_default_recall_depends_on_the_input() -> None:
     best = mix.argmax(dim=1)
     assert best[:, :, :2].eq(torch.arange(0, 12, 2)[:, None, None]).float().mean() > 0.9
     assert best[:, :, 2:].eq(torch.arange(1, 12, 2)[:, None, None]).float().mean() > 0.9
-    top = mix.topk(NFB_DEFAULTS["top_k"], dim=1).values
+    top = mix.topk(NFB_PLUS["top_k"], dim=1).values
     assert top[:, 0].mean() > 0.9  # the matching entry dominates: not 1/K each
-    paper = NormalFeatureBank(8, 8, top_k=3, temperature=1.0, recall="flattened")
+    paper = NormalFeatureBank(
+        8, 8, top_k=3, weighting=NFB_DEFAULTS["weighting"], recall=NFB_DEFAULTS["recall"]
+    )
     paper.store(entries, size=(4, 4))
     with torch.no_grad():
-        paper_top = paper.mixture(student).topk(3, dim=1).values
-    assert paper_top.max() < 0.45  # the paper's reading: near-uniform over K
+        paper_mix = paper.mixture(student)
+    # The paper's reading: one mixture per image, whichever half an entry matches.
+    assert paper_mix.shape == (6, 16) and torch.allclose(paper_mix.sum(dim=1), torch.ones(6))
 
 
 def _pairs(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -244,27 +251,26 @@ def test_both_loss_forms_match_reference_computations() -> None:
         _nferd(nfb={"recall": "global"})
 
 
-PAPER_NFB = {"recall": "flattened", "temperature": 1.0, "learn_temperature": False}
-
-
-def test_paper_reading_switch_recalls_whole_maps_with_gradient_through_s() -> None:
-    model = _nferd(nfb={"size": 6, "top_k": 2, **PAPER_NFB, "similarity_grad": True})
+def test_default_is_the_papers_reading_whole_maps_plain_weights_gradient_through_s() -> None:
+    model = _nferd(nfb={"size": 6, "top_k": 2})  # the shipped defaults (conf/model/nferd.yaml)
     model.before_fit(_loader(_images(8)))
     bank = model.banks[0]
-    assert bank.recall == "flattened" and bank.log_scale is None
+    assert bank.recall == "flattened" and bank.log_scale is None and bank.similarity_grad
     assert not any("log_scale" in n for n, _ in model.named_parameters())
     student = torch.rand(3, *bank.features.shape[1:], requires_grad=True)
-    entries = bank.proj(bank.features)
+    entries = bank.proj(bank.features)  # the 1x1 convolution as a convolution, NCHW order
     sim = F.normalize(student.flatten(1), dim=1) @ F.normalize(entries.flatten(1), dim=1).T
     top, idx = sim.topk(2, dim=1)
-    w = torch.softmax(top, dim=1)
+    w = top / top.sum(dim=1, keepdim=True)  # the similarities as they are, summing to one
     expected = torch.stack([w[b] @ entries[idx[b]].flatten(1) for b in range(3)])
     recalled = bank(student)
     torch.testing.assert_close(recalled.flatten(1), expected)
     (grad,) = torch.autograd.grad(recalled.sum(), student)
     assert grad.abs().sum() > 0  # the weights depend on the student (gradient through S)
-    bank.similarity_grad = False  # the default: S only selects and weights
-    assert torch.autograd.grad(bank(student).sum(), student, allow_unused=True)[0] is None
+    bank.similarity_grad = False  # nferd_plus: S only selects and weights
+    no_grad = bank(student)
+    torch.testing.assert_close(no_grad, recalled)  # the same v...
+    assert torch.autograd.grad(no_grad.sum(), student, allow_unused=True)[0] is None  # ...no grad
 
 
 # --- shapes, gradients, RD4AD equivalence ----------------------------------------------------
@@ -345,8 +351,10 @@ def test_without_bank_and_fusion_it_computes_rd4ad() -> None:
 def test_bank_adds_parameters_only_where_it_should() -> None:
     rd = ReverseDistillation("resnet18", pretrained=False).num_parameters(trainable=True)
     add = _nferd(fusion="add").num_parameters(trainable=True)
-    # three 1x1 projections and three learned inverse temperatures (the default)
-    assert add - rd == sum(c * c + c + 1 for c in (64, 128, 256))
+    assert add - rd == sum(c * c + c for c in (64, 128, 256))  # three 1x1 projections
+    # nferd_plus: and three learned inverse temperatures
+    plus = _nferd(fusion="add", nfb={"learn_temperature": True, "weighting": "softmax"})
+    assert plus.num_parameters(trainable=True) - add == 3
     attention_only = NFERD("resnet18", pretrained=False, nfb={"enabled": False}, fusion="hafm")
     assert attention_only.banks is None and attention_only.num_parameters(trainable=True) > rd
 
@@ -497,8 +505,20 @@ def test_model_config_has_the_switches_and_paper_defaults() -> None:
     # Every switch is in the YAML, the one home of defaults: a model built without Hydra uses it.
     net = NFERD(backbone="resnet18", pretrained=False)
     assert net.nfb_size == cfg.model.nfb.size and net.nfb_top_k == cfg.model.nfb.top_k
-    assert cfg.model.loss == "per_position" and cfg.model.nfb.recall == "per_position"
+    # Section 3 as written: flattened recall, plain weights, gradients through S, eq. 3.4 loss.
+    assert cfg.model.loss == "per_position" and cfg.model.nfb.recall == "flattened"
+    assert cfg.model.nfb.weighting == "linear" and not cfg.model.nfb.learn_temperature
+    assert cfg.model.nfb.similarity_grad
     assert cfg.optimizer.lr == 0.005 and list(cfg.optimizer.betas) == [0.5, 0.999]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        plus = compose("train", overrides=["model=nferd_plus"])
+    assert plus.model_name == "nferd_plus" and plus.model.nfb.recall == "per_position"
+    assert plus.model.nfb.weighting == "softmax" and plus.model.nfb.learn_temperature
+    assert not plus.model.nfb.similarity_grad
+    # everything else as nferd
+    assert {k: v for k, v in plus.model.items() if k != "nfb"} == {
+        k: v for k, v in cfg.model.items() if k != "nfb"
+    }
 
 
 def test_ablation_experiment_is_a_multirun_grid_of_valid_models() -> None:

@@ -142,38 +142,55 @@ class NormalFeatureBank(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def projected(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The stored maps through the trainable 1x1 convolution: (N, C, H, W)."""
+    def _project(self, rows: Tensor) -> Tensor:
+        """The trainable 1x1 convolution on position-major rows (..., C_t) -> (..., C)."""
+        return F.linear(rows, self.proj.weight.flatten(1), self.proj.bias)
+
+    def projected_positions(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The stored maps through the 1x1 convolution, position-major: (N, H*W, C).
+
+        The maps are stored channels-last, so their position-major view needs no copy and the
+        projection is one matrix product on it (the 1x1 convolution's values)."""
         if self.size == 0:
             raise KDADError(
                 "the normal feature bank is empty: build it with before_fit(train_loader) "
                 "(kdad-train does) or load a checkpoint that holds it"
             )
-        return self.proj(self.features.to(dtype))
+        return self._project(_positions(self.features.to(dtype)))
+
+    def projected(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The stored maps through the trainable 1x1 convolution: (N, C, H, W)."""
+        h, w = self.features.shape[-2:]
+        return _maps(self.projected_positions(dtype), h, w)
 
     def similarities(self, student: Tensor, bank: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Cosine similarities ``S`` of the student maps (B, C, H, W) with the projected entries,
-        and the projected bank (N, C, H, W).
+        and the projected bank, position-major (N, H*W, C).
 
         ``flattened``: (B, N), whole maps as vectors (section 3); ``per_position``:
         (B, N, H, W), the C-vectors at each position against the entries' at that position.
+        Both work on position-major rows: a view of channels-last maps, no copy. The order in
+        which a whole map is flattened does not change its cosine.
         """
-        bank = self.projected(student.dtype) if bank is None else bank
-        if bank.shape[1:] != student.shape[1:]:
+        bank = self.projected_positions(student.dtype) if bank is None else bank
+        b, c, h, w = student.shape
+        if bank.shape[1:] != (h * w, c):
             raise KDADError(
-                f"normal feature bank maps {tuple(bank.shape[1:])} do not match the student's "
-                f"{tuple(student.shape[1:])}: the bank was built for another input size"
+                f"normal feature bank maps {(bank.shape[2], *self.features.shape[-2:])} do not "
+                f"match the student's {(c, h, w)}: the bank was built for another input size"
             )
+        queries = _positions(student)  # (B, P, C)
         if self.recall == "flattened":
-            sim = F.normalize(student.flatten(1), dim=1) @ F.normalize(bank.flatten(1), dim=1).T
-            return sim, bank
-        # One small matrix product per position: (P, B, C) @ (P, C, N) -> (P, B, N), from
-        # position-major (channels-last) copies of both, so the batched GEMM reads contiguous
-        # C-vectors; returned as a (B, N, H, W) view. A GEMM over NCHW-strided views, or a
-        # broadcast product, costs ~50x more (experiments/benchmark: NFERD's step cost).
-        h, w = student.shape[-2:]
-        queries = _positions(F.normalize(student, dim=1))  # (B, P, C)
-        keys = _positions(F.normalize(bank, dim=1))  # (N, P, C)
+            # cos = dot / (|q| |k|): one GEMM and two norms, no normalised copies of the maps.
+            q, k = queries.reshape(b, -1), bank.reshape(bank.shape[0], -1)
+            norms = q.norm(dim=1).clamp_min(1e-12)[:, None] * k.norm(dim=1).clamp_min(1e-12)
+            return (q @ k.T) / norms, bank
+        # One small matrix product per position: (P, B, C) @ (P, C, N) -> (P, B, N), on
+        # position-major rows, so the batched GEMM reads contiguous C-vectors; returned as a
+        # (B, N, H, W) view. A GEMM over NCHW-strided views, or a broadcast product, costs
+        # ~50x more (experiments/benchmark: NFERD's step cost).
+        queries = F.normalize(queries, dim=2)
+        keys = F.normalize(bank, dim=2)  # (N, P, C)
         sim = torch.matmul(queries.transpose(0, 1), keys.permute(1, 2, 0))  # (P, B, N)
         return sim.permute(1, 2, 0).unflatten(2, (h, w)), bank
 
@@ -195,12 +212,11 @@ class NormalFeatureBank(nn.Module):
         self, student: Tensor, exclude: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The top-K of ``S``: weights ``w`` and entry indices (B, K[, H, W]), and the projected
-        bank (N, C, H, W). ``exclude`` (B, N) bool marks entries a row may not recall
+        bank, position-major (N, H*W, C). ``exclude`` (B, N) bool marks entries a row may not recall
         (leave-one-out training). Without ``similarity_grad``, ``S`` is computed without
         gradient (a retrieval key): ``w`` then learns only through the learned scale."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.similarity_grad):
-            bank = self.projected(student.dtype)
-            sim, _ = self.similarities(student, bank)
+            sim, bank = self.similarities(student)
         if exclude is not None:
             mask = exclude if sim.dim() == 2 else exclude[:, :, None, None]
             sim = sim.masked_fill(mask, float("-inf"))
@@ -216,8 +232,8 @@ class NormalFeatureBank(nn.Module):
 
     def mixture(self, student: Tensor, exclude: Tensor | None = None) -> Tensor:
         """Dense mixing weights (B, N[, H, W]): ``w_k`` on the recalled entries, 0 elsewhere."""
-        weights, index, bank = self.select(student, exclude)
-        shape = (student.shape[0], bank.shape[0], *weights.shape[2:])
+        weights, index, _ = self.select(student, exclude)
+        shape = (student.shape[0], self.size, *weights.shape[2:])
         return weights.new_zeros(shape).scatter(1, index, weights)
 
     def forward(self, student: Tensor, exclude: Tensor | None = None) -> Tensor:
@@ -227,18 +243,20 @@ class NormalFeatureBank(nn.Module):
         # Without gradient through S the stored maps are mixed first and the B recalled maps
         # projected: the same v (the 1x1 conv is affine and w sums to one over K), but the
         # backward pass goes through B maps instead of the N entries.
-        source = bank if self.similarity_grad else self.features.to(student.dtype)
+        h, w = student.shape[-2:]
+        source = bank if self.similarity_grad else _positions(self.features.to(student.dtype))
+        n, positions, c = source.shape
         if self.recall == "flattened":
-            mix = weights.new_zeros(student.shape[0], bank.shape[0]).scatter(1, index, weights)
-            recalled = (mix @ source.flatten(1)).view(-1, *source.shape[1:])
+            mix = weights.new_zeros(student.shape[0], n).scatter(1, index, weights)
+            recalled = (mix @ source.reshape(n, -1)).view(-1, positions, c)  # (B, P, C)
         else:  # gather the K entries' vectors at each position (K/N of a dense mix's work)
-            n, c, h, w = source.shape
-            table = _positions(source).reshape(n * h * w, c)  # row n*P + p: entry n at p
-            rows = index.flatten(2) * (h * w) + torch.arange(h * w, device=student.device)
+            table = source.reshape(n * positions, c)  # row n*P + p: entry n at p
+            rows = index.flatten(2) * positions + torch.arange(positions, device=student.device)
             picked = F.embedding(rows, table)  # (B, K, P, C), one row lookup per entry
             recalled = (weights.flatten(2).unsqueeze(-1) * picked).sum(1)  # (B, P, C)
-            recalled = recalled.view(-1, h, w, c).permute(0, 3, 1, 2)  # channels-last memory
-        return recalled if self.similarity_grad else self.proj(recalled)
+        if not self.similarity_grad:
+            recalled = self._project(recalled)
+        return _maps(recalled, h, w)  # channels-last memory, like the decoder's maps
 
 
 def _positions(maps: Tensor) -> Tensor:
@@ -246,6 +264,11 @@ def _positions(maps: Tensor) -> Tensor:
     channels-last memory, else one copy)."""
     b, c, h, w = maps.shape
     return maps.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
+
+def _maps(rows: Tensor, h: int, w: int) -> Tensor:
+    """(B, H*W, C) -> (B, C, H, W), a view in channels-last memory (inverse of :func:`_positions`)."""
+    return rows.view(rows.shape[0], h, w, rows.shape[2]).permute(0, 3, 1, 2)
 
 
 def select_bank_images(num_images: int, size: int, seed: int) -> list[int]:

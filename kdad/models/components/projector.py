@@ -34,9 +34,13 @@ class Projector(nn.Sequential):
         in_channels: channels of the student level.
         out_channels: channels of the target (the teacher's highest layer).
         downsample: resolution ratio student / target, a power of two (1, 2, 4, ...).
+        keep_resolution: the same steps with stride 1: the output keeps the level's resolution
+            (HKT's ``cross_scale=level``, where the target is resized to the level instead).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, downsample: int = 1) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, downsample: int = 1, keep_resolution: bool = False
+    ) -> None:
         steps = math.log2(downsample) if downsample >= 1 else -1.0
         if steps < 0 or steps != int(steps):
             raise KDADError(
@@ -48,7 +52,7 @@ class Projector(nn.Sequential):
         for _ in range(int(steps)):
             next_width = min(2 * width, out_channels)
             layers += [
-                conv3x3(width, next_width, stride=2),
+                conv3x3(width, next_width, stride=1 if keep_resolution else 2),
                 nn.BatchNorm2d(next_width),
                 nn.ReLU(inplace=True),
             ]

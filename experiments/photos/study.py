@@ -1,0 +1,245 @@
+"""The photos studies (README.md beside this file): every variant on ``data=photos`` with the
+packaged ImageNet teachers, the ``model=knn`` line beside it, one committed results file per run.
+
+    python experiments/photos/study.py convergence     # metrics against epochs, one category
+    python experiments/photos/study.py headline        # every variant x category x 3 seeds, Lite0
+    python experiments/photos/study.py switches        # HKT, HKT+ and NFERD switch studies
+    python experiments/photos/study.py lite2           # the headline with Lite2 on 3 categories
+    python experiments/photos/study.py all             # in that order
+    python experiments/photos/study.py headline --list # the runs and whether each is done
+
+Each run is one ``kdad-train`` command with its own run folder under ``logs/photos/`` (ignored
+by git). When it has finished, its ``metrics.json``, ``config.yaml`` and ``scores.csv`` are
+copied to ``results/<stage>/<run>/`` beside this script (committed), and a run whose results
+are there is skipped: a study continues across sessions where it stopped. After each stage,
+``kdad-aggregate`` writes the stage's tables (``aggregate.md``/``.csv``, mean ± std over seeds)
+from the committed results only; ``RUN.md`` records each run's command, commit and wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+RESULTS = HERE / "results"
+LOGS = ROOT / "logs" / "photos"
+BIN = Path(os.environ.get("BIN", ROOT / ".venv" / "bin"))
+
+CATEGORIES = ("moon", "retina", "coffee", "flower", "coins", "china")
+SEEDS = (0, 1, 2)
+# The five paper variants (their defaults), kdad's named variants, and the reference line.
+VARIANTS = ("stfpm", "rd", "hkt", "hkt_plus", "nferd", "nferd_plus")
+REFERENCE = "knn"
+# Training epochs of every trained run, chosen from the convergence stage (README.md).
+EPOCHS = 80
+# The convergence chain: each run resumes the previous one's last.ckpt (no learning-rate
+# schedule, so a run of E epochs is the first E epochs of a longer one).
+CHAIN = (5, 10, 20, 40, 80, 160)
+CONVERGENCE_CATEGORY = "coffee"
+# The Lite2 replication: three categories (one texture, two objects).
+LITE2_CATEGORIES = ("moon", "coffee", "coins")
+# The switch studies: three categories, one switch each against its method's default.
+SWITCH_CATEGORIES = ("retina", "coffee", "coins")
+SWITCHES = {
+    "hkt_plus_source": ("hkt_plus", ["model.extra_source=next_block", "model.extra_source=random"]),
+    "hkt_cross_scale": ("hkt", ["model.cross_scale=level", "model.alignment=both"]),
+    "hkt_cbam": ("hkt", ["model.cbam=false"]),
+    "nferd_recall": ("nferd", ["model.nfb.recall=per_position"]),
+    "nferd_weights": (
+        "nferd",
+        ["model.nfb.weighting=softmax model.nfb.temperature=0.05 model.nfb.learn_temperature=true"],
+    ),
+    "nferd_grad": ("nferd", ["model.nfb.similarity_grad=false"]),
+    "nferd_exclude_self": ("nferd", ["model.nfb.exclude_self=true"]),
+    "nferd_no_bank": ("nferd", ["model.nfb.enabled=false"]),
+}
+
+BASE = [
+    "data=photos",
+    "data.image_size=128",
+    "data.num_workers=0",
+    "model.pretrained=true",
+    "logger=csv",
+]
+
+
+def teacher(name: str) -> list[str]:
+    return [f"model.backbone={name}"]
+
+
+def run_name(model: str, category: str, seed: int, extra: list[str]) -> str:
+    tag = "".join(
+        f"_{o.split('=', 1)[0].rsplit('.', 1)[-1]}-{o.split('=', 1)[1]}" for o in extra
+    )
+    return f"{model}{tag}_{category}_seed{seed}"
+
+
+def stage_runs(stage: str) -> list[tuple[str, list[str], str | None]]:
+    """(run name, kdad-train overrides, the run it resumes or None) for one stage."""
+    runs: list[tuple[str, list[str], str | None]] = []
+    lite0 = teacher("tf_efficientnet_lite0")
+
+    def trained(model, category, seed, extra, epochs=EPOCHS, backbone=lite0):
+        name = run_name(model, category, seed, extra)
+        overrides = [
+            f"model={model}",
+            *backbone,
+            f"data.category={category}",
+            f"seed={seed}",
+            *[part for option in extra for part in option.split()],
+        ]
+        if model != REFERENCE:
+            overrides.append(f"trainer.max_epochs={epochs}")
+        runs.append((name, overrides, None))
+
+    if stage == "convergence":
+        for model in VARIANTS:
+            previous = None
+            for epochs in CHAIN:
+                name = f"{model}_{CONVERGENCE_CATEGORY}_seed0_epochs{epochs:03d}"
+                overrides = [
+                    f"model={model}",
+                    *lite0,
+                    f"data.category={CONVERGENCE_CATEGORY}",
+                    "seed=0",
+                    f"trainer.max_epochs={epochs}",
+                    "test_ckpt=last",  # the curve follows the weights being trained
+                ]
+                runs.append((name, overrides, previous))
+                previous = name
+        trained(REFERENCE, CONVERGENCE_CATEGORY, 0, [])
+    elif stage == "headline":
+        for category in CATEGORIES:
+            for seed in SEEDS:
+                for model in (*VARIANTS, REFERENCE):
+                    trained(model, category, seed, [])
+    elif stage == "lite2":
+        lite2 = teacher("tf_efficientnet_lite2")
+        for category in LITE2_CATEGORIES:
+            for seed in SEEDS:
+                for model in (*VARIANTS, REFERENCE):
+                    trained(model, category, seed, [], backbone=lite2)
+    elif stage in SWITCHES:
+        model, options = SWITCHES[stage]
+        for category in SWITCH_CATEGORIES:
+            for seed in SEEDS:
+                for option in options:
+                    trained(model, category, seed, [option])
+    else:
+        raise SystemExit(f"unknown stage {stage!r}")
+    return runs
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPU cores ({cpu}), no GPU"
+
+
+def execute(stage: str, name: str, overrides: list[str], resumes: str | None) -> bool:
+    dest = RESULTS / stage / name
+    if (dest / "metrics.json").is_file():
+        return False
+    folder = LOGS / stage / name
+    command = [str(BIN / "kdad-train"), *BASE, *overrides, f"hydra.run.dir={folder}"]
+    if resumes is not None:
+        previous = LOGS / stage / resumes
+        if not (previous / "checkpoints" / "last.ckpt").is_file():
+            raise SystemExit(f"{name} resumes {previous}, which has no checkpoint: run it first")
+        command.append(f"ckpt_path={previous}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with open(LOGS / stage / f"{name}.log", "w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    took = time.time() - started
+    if code != 0 or not (folder / "metrics.json").is_file():
+        print(f"  {name}: FAILED (exit {code}; see {LOGS / stage / name}.log)", flush=True)
+        return True
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for file in ("metrics.json", "config.yaml", "scores.csv"):
+        if (folder / file).is_file():
+            shutil.copy2(folder / file, tmp / file)
+    tmp.rename(dest)  # the results of a run appear whole or not at all
+    shown = " ".join(o for o in command[1:] if not o.startswith("hydra.run.dir"))
+    with open(RESULTS / stage / "RUN.md", "a") as record:
+        record.write(f"- `{name}`: {took:.0f} s, commit {commit()}: `kdad-train {shown}`\n")
+    print(f"  {name}: {took:.0f} s", flush=True)
+    return True
+
+
+def aggregate(stage: str) -> None:
+    folder = RESULTS / stage
+    if not any(folder.glob("*/metrics.json")):
+        return
+    subprocess.run(
+        [str(BIN / "kdad-aggregate"), str(folder), "--no-plots"],
+        cwd=ROOT,
+        check=False,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", help="convergence | headline | switches | lite2 | all | a switch")
+    parser.add_argument("--list", action="store_true", help="list the runs, do nothing")
+    args = parser.parse_args(argv)
+    stages = {
+        "all": ["convergence", "headline", *SWITCHES, "lite2"],
+        "switches": list(SWITCHES),
+    }.get(args.stage, [args.stage])
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for stage in stages:
+        runs = stage_runs(stage)
+        if args.list:
+            for name, overrides, _ in runs:
+                done = (RESULTS / stage / name / "metrics.json").is_file()
+                print(f"{stage} {name} {'done' if done else 'todo'}: {' '.join(overrides)}")
+            continue
+        (RESULTS / stage).mkdir(parents=True, exist_ok=True)
+        record = RESULTS / stage / "RUN.md"
+        if not record.is_file():
+            record.write_text(
+                f"# {stage}\n\nhardware: {hardware()}; python {platform.python_version()}\n"
+                f"common overrides: `{' '.join(BASE)}`\n\n"
+            )
+        todo = sum(not (RESULTS / stage / n / "metrics.json").is_file() for n, _, _ in runs)
+        print(f"{stage}: {len(runs)} runs, {todo} to do", flush=True)
+        for name, overrides, resumes in runs:
+            execute(stage, name, overrides, resumes)
+        aggregate(stage)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
