@@ -76,9 +76,7 @@ def teacher(name: str) -> list[str]:
 
 
 def run_name(model: str, category: str, seed: int, extra: list[str]) -> str:
-    tag = "".join(
-        f"_{o.split('=', 1)[0].rsplit('.', 1)[-1]}-{o.split('=', 1)[1]}" for o in extra
-    )
+    tag = "".join(f"_{o.split('=', 1)[0].rsplit('.', 1)[-1]}-{o.split('=', 1)[1]}" for o in extra)
     return f"{model}{tag}_{category}_seed{seed}"
 
 

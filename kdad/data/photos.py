@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,7 +238,7 @@ class _Canvas:
     def curve_distance(self, points: np.ndarray) -> np.ndarray:
         """Distance (image fractions) of every pixel to the polyline ``points`` (M, 2)."""
         distance = np.full(self.x.shape, np.inf, dtype=np.float32)
-        for p, q in zip(points[:-1], points[1:], strict=True):
+        for p, q in itertools.pairwise(points):
             d = q - p
             h = np.clip(((self.x - p[0]) * d[0] + (self.y - p[1]) * d[1]) / (d @ d), 0, 1)
             distance = np.minimum(

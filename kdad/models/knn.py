@@ -196,9 +196,7 @@ class NearestNeighbourReference(DistillationModel):
         b, c, h, w = patches.shape
         queries = patches.permute(0, 2, 3, 1).reshape(-1, c)
         bank = self.bank.to(queries.dtype)
-        index = torch.cat(
-            [torch.cdist(part, bank).argmin(dim=1) for part in queries.split(chunk)]
-        )
+        index = torch.cat([torch.cdist(part, bank).argmin(dim=1) for part in queries.split(chunk)])
         return bank[index].view(b, h, w, c).permute(0, 3, 1, 2)
 
     def forward(self, images: Tensor, targets: list[Tensor] | None = None) -> FeaturePairs:
@@ -208,7 +206,9 @@ class NearestNeighbourReference(DistillationModel):
 
     def distance_maps(self, pairs: FeaturePairs) -> list[Tensor]:
         """Euclidean distance to the nearest bank entry at every grid cell: (B, 1, h, w)."""
-        return [(target - nearest).pow(2).sum(dim=1, keepdim=True).sqrt() for target, nearest in pairs]
+        return [
+            (target - nearest).pow(2).sum(dim=1, keepdim=True).sqrt() for target, nearest in pairs
+        ]
 
     def loss(self, pairs: FeaturePairs) -> Tensor:
         """Mean nearest-neighbour distance (nothing is trained; validation reports it)."""

@@ -39,7 +39,11 @@ class Projector(nn.Sequential):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, downsample: int = 1, keep_resolution: bool = False
+        self,
+        in_channels: int,
+        out_channels: int,
+        downsample: int = 1,
+        keep_resolution: bool = False,
     ) -> None:
         steps = math.log2(downsample) if downsample >= 1 else -1.0
         if steps < 0 or steps != int(steps):
