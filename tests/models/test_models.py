@@ -152,3 +152,42 @@ def test_stfpm_student_residual_branches_start_switched_on() -> None:
         if isinstance(module, torch.nn.BatchNorm2d):
             assert torch.equal(module.weight, torch.ones_like(module.weight))
             assert torch.equal(module.bias, torch.zeros_like(module.bias))
+
+
+def test_attention_pools_equal_cbams_formulas_in_value_and_gradient() -> None:
+    """CBAM's four descriptors (mean/max over positions, mean/max over channels) come from one
+    fused pass with a hand-written backward: the same values and gradients as autograd's."""
+    from kdad.models.components.attention import (
+        ChannelAttention,
+        SpatialAttention,
+        pooled_descriptors,
+    )
+
+    torch.manual_seed(0)
+    for memory in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(3, 5, 4, 6, dtype=torch.float64).contiguous(memory_format=memory)
+        x.requires_grad_()
+        reference = (
+            x.mean(dim=(2, 3)),
+            x.flatten(2).max(dim=2).values,
+            x.mean(dim=1),
+            x.max(dim=1).values,
+        )
+        fused = pooled_descriptors(x)
+        weights = [torch.randn_like(r) for r in reference]
+        for a, b in zip(fused, reference, strict=True):
+            torch.testing.assert_close(a, b)
+        grads = [
+            torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, weights, strict=True)), x)[0]
+            for out in (fused, reference)
+        ]
+        torch.testing.assert_close(grads[0], grads[1])
+    channel, spatial = ChannelAttention(8, reduction=2), SpatialAttention(7)
+    x = torch.randn(2, 8, 5, 5)
+    mlp = channel.mlp
+    expected_c = torch.sigmoid(
+        mlp(x.mean(dim=(2, 3), keepdim=True)) + mlp(x.amax(dim=(2, 3), keepdim=True))
+    )
+    torch.testing.assert_close(channel(x), expected_c)
+    pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+    torch.testing.assert_close(spatial(x), torch.sigmoid(spatial.conv(pooled)))

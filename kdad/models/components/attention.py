@@ -14,6 +14,51 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class _Pools(torch.autograd.Function):
+    """The four pooled descriptors CBAM's branches read, in one pass with one backward.
+
+    Forward on a position-major view of ``x`` (N, H*W, C): the mean and the max over positions
+    (N, C) for channel attention, over channels (N, H*W) for spatial attention. Autograd would
+    build each descriptor's gradient as a full-size tensor and add them up; this backward
+    writes one full-size tensor (the two means' gradients, broadcast) and scatters the two
+    maxima's gradients into it. The max takes the gradient to one maximum (``max(dim)``), as
+    autograd's ``max(dim)`` does.
+    """
+
+    @staticmethod
+    def forward(ctx, positions: Tensor):  # type: ignore[override]
+        mean_hw = positions.mean(dim=1)
+        max_hw, index_hw = positions.max(dim=1)
+        mean_c = positions.mean(dim=2)
+        max_c, index_c = positions.max(dim=2)
+        ctx.save_for_backward(index_hw, index_c)
+        ctx.shape = positions.shape
+        ctx.mark_non_differentiable(index_hw, index_c)
+        return mean_hw, max_hw, mean_c, max_c, index_hw, index_c
+
+    @staticmethod
+    def backward(ctx, g_mean_hw, g_max_hw, g_mean_c, g_max_c, _i, _j):  # type: ignore[override]
+        index_hw, index_c = ctx.saved_tensors
+        n, p, c = ctx.shape
+        zeros_c = g_max_hw.new_zeros(n, c) if g_mean_hw is None else g_mean_hw / p
+        zeros_p = g_max_c.new_zeros(n, p) if g_mean_c is None else g_mean_c / c
+        grad = zeros_c[:, None, :] + zeros_p[:, :, None]  # (N, P, C), the only full-size write
+        if g_max_hw is not None:
+            grad.scatter_add_(1, index_hw[:, None, :], g_max_hw[:, None, :])
+        if g_max_c is not None:
+            grad.scatter_add_(2, index_c[:, :, None], g_max_c[:, :, None])
+        return grad
+
+
+def pooled_descriptors(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``x`` (N, C, H, W) -> (mean over H x W, max over H x W) (N, C) and (mean over C,
+    max over C) (N, H, W): what channel and spatial attention pool (:class:`_Pools`)."""
+    n, c, h, w = x.shape
+    positions = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view of channels-last memory
+    mean_hw, max_hw, mean_c, max_c, _, _ = _Pools.apply(positions)
+    return mean_hw, max_hw, mean_c.view(n, h, w), max_c.view(n, h, w)
+
+
 class ChannelAttention(nn.Module):
     """M_c(F) = sigmoid(MLP(AvgPool(F)) + MLP(MaxPool(F))), shape (N,C,1,1).
 
@@ -35,11 +80,15 @@ class ChannelAttention(nn.Module):
             nn.Conv2d(hidden, channels, 1, bias=False),
         )
 
+    def gate(self, mean: Tensor, peak: Tensor) -> Tensor:
+        """The gate (N, C) from the descriptors pooled over positions (N, C) each."""
+        hidden = F.relu(F.linear(torch.cat([mean, peak]), self.mlp[0].weight.flatten(1)))
+        avg, top = F.linear(hidden, self.mlp[2].weight.flatten(1)).chunk(2)
+        return torch.sigmoid(avg + top)
+
     def forward(self, x: Tensor) -> Tensor:
-        pooled = torch.cat([x.mean(dim=(2, 3)), x.flatten(2).max(dim=2).values])  # (2N, C)
-        hidden = F.relu(F.linear(pooled, self.mlp[0].weight.flatten(1)))
-        avg, peak = F.linear(hidden, self.mlp[2].weight.flatten(1)).chunk(2)
-        return torch.sigmoid(avg + peak)[:, :, None, None]
+        mean, peak, _, _ = pooled_descriptors(x)
+        return self.gate(mean, peak)[:, :, None, None]
 
 
 class SpatialAttention(nn.Module):
@@ -54,9 +103,13 @@ class SpatialAttention(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
 
+    def gate(self, mean: Tensor, peak: Tensor) -> Tensor:
+        """The gate (N, 1, H, W) from the maps pooled over channels (N, H, W) each."""
+        return torch.sigmoid(self.conv(torch.stack([mean, peak], dim=-1).permute(0, 3, 1, 2)))
+
     def forward(self, x: Tensor) -> Tensor:
-        pooled = torch.stack([x.mean(dim=1), x.max(dim=1).values], dim=-1).permute(0, 3, 1, 2)
-        return torch.sigmoid(self.conv(pooled))
+        _, _, mean, peak = pooled_descriptors(x)
+        return self.gate(mean, peak)
 
 
 class CBAM(nn.Module):

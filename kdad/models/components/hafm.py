@@ -37,7 +37,12 @@ import torch
 from torch import Tensor, nn
 
 from kdad.errors import KDADError
-from kdad.models.components.attention import CBAM, ChannelAttention, SpatialAttention
+from kdad.models.components.attention import (
+    CBAM,
+    ChannelAttention,
+    SpatialAttention,
+    pooled_descriptors,
+)
 from kdad.models.components.resnet_blocks import conv1x1, kaiming_init
 
 FUSIONS = ("hafm", "cbam", "add", "concat", "none")
@@ -66,7 +71,10 @@ class HybridAttention(nn.Module):
         self.spatial = SpatialAttention(kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        channel_gate, spatial_gate = self.channel(x), self.spatial(x)  # both from x: parallel
+        # Both gates from the same x (parallel), its four descriptors pooled in one pass.
+        mean_hw, max_hw, mean_c, max_c = pooled_descriptors(x)
+        channel_gate = self.channel.gate(mean_hw, max_hw)[:, :, None, None]
+        spatial_gate = self.spatial.gate(mean_c, max_c)
         if self.combine == "add":  # x * M_c + x * M_s, with one full-size product
             return x * (channel_gate + spatial_gate)
         return x * channel_gate * spatial_gate
