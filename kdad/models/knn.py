@@ -117,6 +117,12 @@ class NearestNeighbourReference(DistillationModel):
         if sampling not in SAMPLINGS:
             raise KDADError(f"model.sampling={sampling!r}: expected one of {list(SAMPLINGS)}")
         self.teacher = Teacher(backbone, layers, pretrained, weights_path)
+        for reduction in self.teacher.reductions:
+            if max(reduction, stride) % min(reduction, stride):
+                raise KDADError(
+                    f"model.stride={stride}: the layers' strides {self.teacher.reductions} must "
+                    "each divide it or be divisible by it (e.g. 4, 8 or 16)"
+                )
         self.stride, self.patch_size = int(stride), int(patch_size)
         self.bank_size, self.sampling = int(bank_size), sampling
         self.projection_dim, self.seed = int(projection_dim), int(seed)
@@ -137,26 +143,31 @@ class NearestNeighbourReference(DistillationModel):
     # --- patch features ----------------------------------------------------------------------
     def patch_features(self, images: Tensor, targets: list[Tensor] | None = None) -> Tensor:
         """(B, C, h, w): every layer's neighbourhood-averaged features on one grid of
-        ``stride`` image pixels per cell, concatenated along channels."""
+        ``stride`` image pixels per cell, concatenated along channels.
+
+        A finer layer is area-averaged by its (whole) factor to the grid, a coarser one
+        upsampled bilinearly by its factor: fixed factors, so the graph exports."""
         layers = self.teacher(images) if targets is None else targets
-        grid = (
-            max(1, images.shape[-2] // self.stride),
-            max(1, images.shape[-1] // self.stride),
-        )
         pad = self.patch_size // 2
         aligned = []
-        for features in layers:
+        for features, reduction in zip(layers, self.teacher.reductions, strict=True):
             features = features.float()
             if self.patch_size > 1:
                 features = F.avg_pool2d(
                     features, self.patch_size, stride=1, padding=pad, count_include_pad=False
                 )
-            if features.shape[-2] >= grid[0] and features.shape[-1] >= grid[1]:
-                features = F.adaptive_avg_pool2d(features, grid)
-            else:
-                features = F.interpolate(features, size=grid, mode="bilinear", align_corners=False)
+            if reduction < self.stride:
+                features = F.avg_pool2d(features, self.stride // reduction)
+            elif reduction > self.stride:
+                features = F.interpolate(
+                    features,
+                    scale_factor=reduction // self.stride,
+                    mode="bilinear",
+                    align_corners=False,
+                )
             aligned.append(features)
-        return torch.cat(aligned, dim=1)
+        size = min(f.shape[-2] for f in aligned), min(f.shape[-1] for f in aligned)
+        return torch.cat([f[..., : size[0], : size[1]] for f in aligned], dim=1)
 
     @torch.no_grad()
     def before_fit(self, train_loader) -> None:
@@ -187,7 +198,11 @@ class NearestNeighbourReference(DistillationModel):
 
     # --- the variant's interface -------------------------------------------------------------
     def nearest(self, patches: Tensor, chunk: int = 4096) -> Tensor:
-        """Each patch's nearest bank entry: (B, C, h, w) -> (B, C, h, w)."""
+        """Each patch's nearest bank entry: (B, C, h, w) -> (B, C, h, w).
+
+        The nearest entry minimises |b|^2 - 2 q.b (|q|^2 is the same for every entry): one
+        matrix product per ``chunk`` patches; in an exported graph, one for all of them.
+        """
         if self.bank.shape[0] == 0:
             raise KDADError(
                 "model=knn: the memory bank is empty: build it with before_fit(train_loader) "
@@ -196,8 +211,17 @@ class NearestNeighbourReference(DistillationModel):
         b, c, h, w = patches.shape
         queries = patches.permute(0, 2, 3, 1).reshape(-1, c)
         bank = self.bank.to(queries.dtype)
-        index = torch.cat([torch.cdist(part, bank).argmin(dim=1) for part in queries.split(chunk)])
-        return bank[index].view(b, h, w, c).permute(0, 3, 1, 2)
+        bank_sq = bank.pow(2).sum(dim=1)
+
+        def closest(rows: Tensor) -> Tensor:
+            return (bank_sq - 2 * rows @ bank.T).argmin(dim=1)
+
+        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        if exporting or queries.shape[0] <= chunk:
+            index = closest(queries)
+        else:
+            index = torch.cat([closest(part) for part in queries.split(chunk)])
+        return bank[index].reshape(b, h, w, c).permute(0, 3, 1, 2)
 
     def forward(self, images: Tensor, targets: list[Tensor] | None = None) -> FeaturePairs:
         """One pair: the patch features and their nearest bank entries."""
