@@ -43,10 +43,11 @@ kdad chooses, and every choice is a config key (conf/model/hkt.yaml):
 
 - ``alignment``: ``cross`` (S1; the default), ``same`` (S_l <-> T_l, STFPM-like) or ``both``
   (the union). Only the pairs used are built: ``same`` has no projector at all.
-  Evidence (pretrained tf_efficientnet_lite0, experiments/hkt_ablation/README.md):
-  ``cross`` detects best (image AUROC 100.0 / 86.8 % on stripes / dots against 96.4 / 84.1
-  for ``both`` and 74.7 / 66.4 for ``same``); ``both`` localises best on dots (pixel AUROC
-  91.3 against 87.9); ``same`` alone is unstable (one dots seed collapsed at its last epoch).
+- ``cross_scale``: where a cross pair is compared. ``top`` brings each student level down to
+  T_top's resolution (the map is then at T_top's stride); ``level`` keeps the level's
+  resolution (the projector's conv steps at stride 1) and resizes T_top to it, bilinearly and
+  parameter-free, so the map is multi-scale. No teacher-side part is trained in either form:
+  the target cannot collapse.
 - ``projectors``: S2's projectors. Cross pairs cannot exist without them (the levels differ in
   channels and resolution) and no parameter-free cross pairing is sound, so
   ``projectors=False`` is only valid with ``alignment="same"`` (which builds none anyway);
@@ -55,8 +56,6 @@ kdad chooses, and every choice is a config key (conf/model/hkt.yaml):
   1x1 conv to the top channels (see :class:`Projector`).
 - CBAM: the standard module (:mod:`kdad.models.components.attention`), reduction 16, 7x7
   spatial kernel, after every returned stage (``cbam=False``: no CBAM parameters at all).
-  Evidence: CBAM helps on both textures (dots: image / pixel AUROC / AUPRO 86.8 / 87.9 / 72.7
-  with it, 85.5 / 85.5 / 68.9 without).
 - Loss: the per-position ``loss`` distance (default ``1 - cos`` along channels) averaged over
   positions and images, summed over all pairs.
 - Map: the per-pixel ``distance`` of every pair, fused by the shared AnomalyMapGenerator
@@ -75,21 +74,14 @@ kdad chooses, and every choice is a config key (conf/model/hkt.yaml):
     Lite0: the first MBConv of blocks.5, 112 -> 192 at stride 32), frozen, pretrained; the
     student's a random trainable copy. Deeper, but a new level at half the resolution and,
     for ResNets, far more parameters (the projectors then target 2048 channels).
-  * ``random`` (the default, by measurement): kdad's earlier form, a frozen 1x1 conv fixed
-    at a seeded random init (``extra_seed``, N(0, 1/fan_in), no bias, no activation) on the
-    teacher and a trainable
-    linear 1x1 conv on the student: a re-parametrised copy of the existing top pair that adds
-    no capacity.
+  * ``random``: a frozen 1x1 conv fixed at a seeded random init (``extra_seed``,
+    N(0, 1/fan_in), no bias, no activation) on the teacher and a trainable linear 1x1 conv on
+    the student: a re-parametrised copy of the existing top pair that adds no capacity (an
+    ablation, not a reading of the paper).
 
-  Parameter increase over HKT (trainable): wide_resnet50_2 38.8 M -> ``random`` 40.9 M
-  (+5.4 %), ``next_conv`` 40.9 M (+5.4 %), ``next_block`` 123.8 M (+219 %, 2048-channel
-  projectors); tf_efficientnet_lite0 0.82 M -> ``random`` +3.1 %, ``next_conv`` +85 % (a 6x
-  expansion: 672 channels; 452 k of it the new level's 672 -> 672 projector), ``next_block``
-  +99 %.
-  Evidence for the default: with the pretrained Lite0 teacher (synthetic stripes + dots,
-  128 px, 8 epochs, 2 seeds), ``random`` was the best HKT+ form on every metric's mean; the
-  pretrained forms lost pixel AUROC against HKT (``next_conv`` -2.7 / -5.5 points,
-  ``next_block``, whose target is at stride 32, -9 / -16). No form clearly beat HKT.
+  ``next_conv`` is the default: it adds capacity, as the paper says HKT+ does. The switches
+  (``alignment``, ``cross_scale``, ``cbam``, ``extra_source``) are measured on data=photos in
+  experiments/photos/README.md.
 """
 
 from __future__ import annotations
@@ -307,7 +299,7 @@ class HKT(DistillationModel):
         extra_layers: HKT+ (S4): a frozen layer on the teacher's top layer and a trainable one
             on the student's, forming a new highest level of each network.
         extra_source: where HKT+'s layers come from: ``random`` (a frozen seeded linear conv;
-            the student's a linear conv; the measured default), ``next_conv`` (the teacher's
+            the student's a linear conv), ``next_conv`` (the default: the teacher's
             next pretrained conv layer) or ``next_block`` (its next pretrained block).
         extra_kernel_size, extra_seed: kernel and seed of the ``random`` form's convolutions.
         loss: per-position distance of the training loss (``cosine``, ``normalized_l2``, ``l2``).

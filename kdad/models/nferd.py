@@ -17,24 +17,12 @@ Teacher, OCBE bottleneck, decoder and anomaly map are RD4AD's own modules, uncha
 ``nfb.enabled=false`` and ``fusion=none`` the model *is* RD4AD: the same parameters, buffers
 and state-dict keys (and, with ``loss=flattened``, the same loss).
 
-Defaults set by measurement (pretrained tf_efficientnet_lite0 teacher, synthetic wood + dots,
-128 px, 15 epochs, 2 seeds; experiments/nferd_ablation/README.md, "pretrained Lite0 teacher"):
-
-- ``nfb.recall=per_position``: the paper's whole-map cosine (``flattened``, kept as a switch)
-  recalled uniform mixtures (mean max weight 0.335-0.342 at K=3, temperature 1); recalling per
-  position (cosine along channels at each position, top-K and ``w`` per position) carried
-  NFERD's only gain over RD4AD: pixel AUROC on dots 89-90 % vs 86-88 % flattened, 85.4 % RD4AD.
-- ``nfb.temperature=0.05`` with ``nfb.learn_temperature=true``: cosines of the K best differ
-  by ~0.02, so temperature 1 is uniform; a trained inverse temperature (starting at 20; it ends
-  at 17-23) gives w_max 0.38-0.51 at K=3. Fixed temperature 1 with per-position recall was worse
-  on dots (image 86.0 vs 88.2 %).
-- ``nfb.similarity_grad=false``: ``S`` selects and weights without gradient into the student
-  (``w`` learns only through its scale); the recalled stored maps are mixed, then projected.
-  Same v; with gradient through ``S`` per-position recall cost about 3x the flattened recall.
-  Metrics within seed noise of the gradient form (dots pixel AUROC 89.0 vs 89.8 %).
-- ``loss=per_position`` (section 3.4: 1 - cos per position, averaged over H_i x W_i, summed over
-  stages): what the paper defines; it and RD4AD's official flattened cosine (``flattened``)
-  measured alike (dots pixel AUROC 89.8 vs 90.2 %, image 89.4 vs 88.9 %), so the paper decides.
+The defaults are section 3 as written (conf/model/nferd.yaml): ``nfb.recall=flattened``
+(whole maps as vectors), ``nfb.weighting=linear`` (w from the similarities as they are; the
+text gives no formula for w), ``nfb.similarity_grad=true`` (gradients through S) and
+``loss=per_position`` (section 3.4). kdad's variant ``model=nferd_plus`` recalls per position
+with a learned softmax temperature and no gradient through S; both are measured on data=photos
+in experiments/photos/README.md.
 
 Where the fused map goes (``fused_to_decoder``, the text does not say): by default the fused
 map of a stage is both that stage's prediction (compared with the teacher) and the input of the

@@ -57,13 +57,9 @@ class ReverseDistillation(DistillationModel):
     Non-ResNet teachers (e.g. ``tf_efficientnet_lite0``: 24/40/112 channels at strides 4/8/16)
     get the same OCBE (stride-2 3x3 convs from stages 1 and 2 to stage 3's size and width,
     concatenation, 2 OCE basic blocks to ``2 c3`` channels at stride 32) and a basic-block
-    decoder with 2 blocks per stage whose outputs have the teacher's stage widths (for Lite0:
-    OCBE 2.30 M, decoder 0.64 M trainable parameters). Lite0's stage outputs are signed (47-51 %
-    of the values negative on a photo), so a ReLU-terminated decoder cannot reproduce them
-    exactly; yet it detected better than a linear one at equal budgets (pretrained Lite0,
-    128 px, 15 epochs, seed 0, image AUROC relu vs linear: 1.00 vs 0.95 on ``wood``, 0.88 vs
-    0.86 on ``dots``; 10 epochs on ``stripes``: 0.98 vs 0.81), so the default stays the
-    official ``relu``.
+    decoder with 2 blocks per stage whose outputs have the teacher's stage widths. Lite0's
+    stage outputs are signed, so a ReLU-terminated decoder cannot reproduce them exactly;
+    the default stays the official ``relu`` (``decoder_output=linear`` is the switch).
     """
 
     def __init__(

@@ -96,7 +96,7 @@ class SpatialAttention(nn.Module):
 
     The channel max is ``max(dim)``, as in :class:`ChannelAttention`. The two pooled maps are
     stacked channels-last (position-major), where oneDNN's backward of this 2->1 convolution
-    is ~3x faster than on NCHW maps (same values).
+    is faster than on NCHW maps (same values).
     """
 
     def __init__(self, kernel_size: int = 7) -> None:

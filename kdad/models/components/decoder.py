@@ -5,10 +5,10 @@ blocks as the teacher's first stage (3/4/6 for wide_resnet50_2, 2/2/2 for resnet
 stage's output has the channels of the teacher stage it is compared with.
 
 Teachers whose stage outputs are signed (EfficientNet, MobileNet: a stage ends in a linear
-projection plus skip; 47-51 % of tf_efficientnet_lite0's stage 1-3 values are negative on grace_hopper.jpg at 256 px) cannot
-be matched exactly by features that end in a ReLU, as ResNet stages (and the official decoder)
-do: ``linear_output=True`` drops the ReLU after the last block of each stage (a switch; with
-the Lite0 teacher it detected worse than the official ReLU, see ``ReverseDistillation``).
+projection plus skip, so about half their values are negative) cannot be matched exactly by
+features that end in a ReLU, as ResNet stages (and the official decoder) do:
+``linear_output=True`` drops the ReLU after the last block of each stage (a switch; the
+official ReLU is the default).
 """
 
 from __future__ import annotations

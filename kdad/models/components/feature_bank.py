@@ -188,7 +188,7 @@ class NormalFeatureBank(nn.Module):
         # One small matrix product per position: (P, B, C) @ (P, C, N) -> (P, B, N), on
         # position-major rows, so the batched GEMM reads contiguous C-vectors; returned as a
         # (B, N, H, W) view. A GEMM over NCHW-strided views, or a broadcast product, costs
-        # ~50x more (experiments/benchmark: NFERD's step cost).
+        # far more (experiments/benchmark/README.md, NFERD against RD4AD).
         queries = F.normalize(queries, dim=2)
         keys = F.normalize(bank, dim=2)  # (N, P, C)
         sim = torch.matmul(queries.transpose(0, 1), keys.permute(1, 2, 0))  # (P, B, N)
