@@ -7,6 +7,11 @@ packaged ImageNet teachers, the ``model=knn`` line beside it, one committed resu
     python experiments/photos/study.py lite2           # the headline with Lite2 on 3 categories
     python experiments/photos/study.py all             # in that order
     python experiments/photos/study.py headline --list # the runs and whether each is done
+    python experiments/photos/study.py headline --code /path/to/checkout  # run that code
+
+``--code`` runs the study with the kdad of another checkout of this repository (a fixed
+commit, e.g. ``git worktree add --detach ../kdad-study``) on ``PYTHONPATH``, so that editing
+this checkout cannot change a study half-way; ``RUN.md`` records that checkout's commit.
 
 Each run is one ``kdad-train`` command with its own run folder under ``logs/photos/`` (ignored
 by git). When it has finished, its ``metrics.json``, ``config.yaml`` and ``scores.csv`` are
@@ -42,7 +47,7 @@ REFERENCE = "knn"
 EPOCHS = 80
 # The convergence chain: each run resumes the previous one's last.ckpt (no learning-rate
 # schedule, so a run of E epochs is the first E epochs of a longer one).
-CHAIN = (5, 10, 20, 40, 80, 160)
+CHAIN = (5, 10, 20, 40, 80, 160, 320)
 CONVERGENCE_CATEGORY = "coffee"
 # The Lite2 replication: three categories (one texture, two objects).
 LITE2_CATEGORIES = ("moon", "coffee", "coins")
@@ -136,6 +141,9 @@ def stage_runs(stage: str) -> list[tuple[str, list[str], str | None]]:
     return runs
 
 
+CODE = ROOT  # the checkout whose kdad the runs use (--code)
+
+
 def commit() -> str:
     try:
         return subprocess.run(
@@ -143,7 +151,7 @@ def commit() -> str:
             capture_output=True,
             text=True,
             check=True,
-            cwd=ROOT,
+            cwd=CODE,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -166,7 +174,8 @@ def execute(stage: str, name: str, overrides: list[str], resumes: str | None) ->
     if (dest / "metrics.json").is_file():
         return False
     folder = LOGS / stage / name
-    command = [str(BIN / "kdad-train"), *BASE, *overrides, f"hydra.run.dir={folder}"]
+    command = [str(BIN / "python"), "-m", "kdad.cli.train", *BASE, *overrides]
+    command.append(f"hydra.run.dir={folder}")
     if resumes is not None:
         previous = LOGS / stage / resumes
         if not (previous / "checkpoints" / "last.ckpt").is_file():
@@ -175,7 +184,9 @@ def execute(stage: str, name: str, overrides: list[str], resumes: str | None) ->
     folder.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     with open(LOGS / stage / f"{name}.log", "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        code = subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=_environment()
+        ).returncode
     took = time.time() - started
     if code != 0 or not (folder / "metrics.json").is_file():
         print(f"  {name}: FAILED (exit {code}; see {LOGS / stage / name}.log)", flush=True)
@@ -187,11 +198,18 @@ def execute(stage: str, name: str, overrides: list[str], resumes: str | None) ->
         if (folder / file).is_file():
             shutil.copy2(folder / file, tmp / file)
     tmp.rename(dest)  # the results of a run appear whole or not at all
-    shown = " ".join(o for o in command[1:] if not o.startswith("hydra.run.dir"))
+    shown = " ".join(o for o in command[3:] if not o.startswith("hydra.run.dir"))
     with open(RESULTS / stage / "RUN.md", "a") as record:
         record.write(f"- `{name}`: {took:.0f} s, commit {commit()}: `kdad-train {shown}`\n")
     print(f"  {name}: {took:.0f} s", flush=True)
     return True
+
+
+def _environment() -> dict[str, str]:
+    env = dict(os.environ)
+    if CODE != ROOT:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE), env.get("PYTHONPATH")]))
+    return env
 
 
 def aggregate(stage: str) -> None:
@@ -199,8 +217,9 @@ def aggregate(stage: str) -> None:
     if not any(folder.glob("*/metrics.json")):
         return
     subprocess.run(
-        [str(BIN / "kdad-aggregate"), str(folder), "--no-plots"],
+        [str(BIN / "python"), "-m", "kdad.cli.aggregate", str(folder), "--no-plots"],
         cwd=ROOT,
+        env=_environment(),
         check=False,
         stdout=subprocess.DEVNULL,
     )
@@ -210,7 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", help="convergence | headline | switches | lite2 | all | a switch")
     parser.add_argument("--list", action="store_true", help="list the runs, do nothing")
+    parser.add_argument("--code", type=Path, default=None, help="a checkout whose kdad to run")
     args = parser.parse_args(argv)
+    global CODE
+    if args.code is not None:
+        CODE = args.code.resolve()
+        if not (CODE / "kdad" / "cli" / "train.py").is_file():
+            raise SystemExit(f"--code {CODE}: not a kdad checkout")
+        # kdad.conf is found beside kdad/ in that checkout (a link, as an installed package has it)
+        link = CODE / "kdad" / "conf"
+        if not link.exists():
+            link.symlink_to(Path("..") / "conf")
     stages = {
         "all": ["convergence", "headline", *SWITCHES, "lite2"],
         "switches": list(SWITCHES),
