@@ -29,6 +29,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -213,16 +214,41 @@ def _environment() -> dict[str, str]:
 
 
 def aggregate(stage: str) -> None:
+    """The stage's tables (``aggregate.md``/``.csv``) by kdad-aggregate from the committed
+    results. A switch stage's table also holds its method's default and the kNN line on the
+    same categories and seeds (their runs are the headline's: copied for the table only)."""
     folder = RESULTS / stage
     if not any(folder.glob("*/metrics.json")):
         return
-    subprocess.run(
-        [str(BIN / "python"), "-m", "kdad.cli.aggregate", str(folder), "--no-plots"],
-        cwd=ROOT,
-        env=_environment(),
-        check=False,
-        stdout=subprocess.DEVNULL,
-    )
+    source = folder
+    scratch = None
+    if stage in SWITCHES:
+        model = SWITCHES[stage][0]
+        scratch = Path(tempfile.mkdtemp(prefix=f"{stage}-", dir=LOGS))
+        for run in folder.glob("*/metrics.json"):
+            shutil.copytree(run.parent, scratch / run.parent.name)
+        for reference in (model, REFERENCE):
+            for category in SWITCH_CATEGORIES:
+                for seed in SEEDS:
+                    name = run_name(reference, category, seed, [])
+                    if (RESULTS / "headline" / name / "metrics.json").is_file():
+                        shutil.copytree(RESULTS / "headline" / name, scratch / name)
+        source = scratch
+    try:
+        subprocess.run(
+            [str(BIN / "python"), "-m", "kdad.cli.aggregate", str(source), "--no-plots"],
+            cwd=ROOT,
+            env=_environment(),
+            check=False,
+            stdout=subprocess.DEVNULL,
+        )
+        if scratch is not None:
+            for table in ("aggregate.md", "aggregate.csv"):
+                if (scratch / table).is_file():
+                    shutil.copy2(scratch / table, folder / table)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
