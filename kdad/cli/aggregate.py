@@ -54,6 +54,9 @@ def _hydra_style(items: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kdad-aggregate", description=__doc__.split("\n\n")[0])
+    from kdad import __version__
+
+    parser.add_argument("--version", action="version", version=f"kdad {__version__}")
     parser.add_argument("dir", type=Path, help="a folder with runs (e.g. a multirun folder)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument(

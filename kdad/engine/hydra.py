@@ -189,6 +189,32 @@ def instantiate_group(
     return objects
 
 
+# Config choices that need an optional extra: (group, option prefix) -> (module, extra).
+EXTRAS = {
+    ("hparams_search", ""): ("hydra_plugins.hydra_optuna_sweeper", "sweep"),
+    ("hydra/sweeper", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "sweep"),
+    ("launcher", ""): ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    ("hydra/launcher", "submitit"): ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    ("logger", "tensorboard"): ("tensorboard", "tensorboard"),
+}
+
+
+def missing_extra(arguments: list[str]) -> str | None:
+    """One line naming the extra to install when an argument selects a config group whose
+    package is not installed (the optional extras: ``[sweep]``, ``[slurm]``, ``[tensorboard]``)."""
+    import importlib.util
+
+    for argument in arguments:
+        key, _, value = argument.lstrip("+~").partition("=")
+        for (group, prefix), (module, extra) in EXTRAS.items():
+            if key == group and value and value != "null" and value.startswith(prefix):
+                if importlib.util.find_spec(module.split(".")[0]) is None or (
+                    "." in module and importlib.util.find_spec(module) is None
+                ):
+                    return f"{argument} needs the optional extra: pip install 'kdad[{extra}]'"
+    return None
+
+
 def entry_point(
     task: Callable[[DictConfig], Any], config_name: str, module: str
 ) -> Callable[[], None]:
@@ -206,6 +232,15 @@ def entry_point(
     composed = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(job)
 
     def main() -> None:
+        if "--version" in sys.argv[1:]:
+            from kdad import __version__
+
+            print(f"kdad {__version__}")
+            return
+        message = missing_extra(sys.argv[1:])
+        if message is not None:
+            print(f"kdad: error: {message}", file=sys.stderr)
+            sys.exit(2)
         composed()
         exit_if_failed()
 

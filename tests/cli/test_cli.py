@@ -7,6 +7,7 @@ Each test starts the CLI in a subprocess with tiny settings (resnet18 with rando
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -200,3 +201,34 @@ def test_unreadable_training_image_is_named(env: dict[str, str], tmp_path: Path)
         expect=2,
     )
     assert "broken.png" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_version_on_every_command(env: dict[str, str], tmp_path: Path) -> None:
+    import kdad
+
+    assert kdad.__version__ and kdad.__version__ != "0+unknown"  # installed: from its metadata
+    for module in ("kdad.cli.train", "kdad.cli.eval", "kdad.cli.predict", "kdad.cli.export"):
+        proc = run_in_process(module, ["--version"], env, tmp_path)
+        assert proc.stdout.strip() == f"kdad {kdad.__version__}"
+    proc = run_in_process("kdad.cli.aggregate", ["--version"], env, tmp_path)
+    assert proc.stdout.strip() == f"kdad {kdad.__version__}"
+
+
+def test_a_group_whose_extra_is_missing_names_the_extra(monkeypatch) -> None:
+    from kdad.engine import hydra as kdad_hydra
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name.startswith(("hydra_plugins", "tensorboard")) else real(name),
+    )
+    for argument, extra in (
+        ("hparams_search=rd_optuna", "sweep"),
+        ("launcher=slurm", "slurm"),
+        ("launcher=local_cpu", "slurm"),
+        ("logger=tensorboard", "tensorboard"),
+    ):
+        message = kdad_hydra.missing_extra(["model=rd", argument])
+        assert message == f"{argument} needs the optional extra: pip install 'kdad[{extra}]'"
+    assert kdad_hydra.missing_extra(["logger=csv", "launcher=null", "model=rd"]) is None
