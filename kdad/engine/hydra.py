@@ -199,19 +199,24 @@ EXTRAS = {
 }
 
 
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
 def missing_extra(arguments: list[str]) -> str | None:
     """One line naming the extra to install when an argument selects a config group whose
     package is not installed (the optional extras: ``[sweep]``, ``[slurm]``, ``[tensorboard]``)."""
-    import importlib.util
-
     for argument in arguments:
         key, _, value = argument.lstrip("+~").partition("=")
         for (group, prefix), (module, extra) in EXTRAS.items():
-            if key == group and value and value != "null" and value.startswith(prefix):
-                if importlib.util.find_spec(module.split(".")[0]) is None or (
-                    "." in module and importlib.util.find_spec(module) is None
-                ):
-                    return f"{argument} needs the optional extra: pip install 'kdad[{extra}]'"
+            selected = key == group and value not in ("", "null") and value.startswith(prefix)
+            if selected and not _importable(module):
+                return f"{argument} needs the optional extra: pip install 'kdad[{extra}]'"
     return None
 
 
