@@ -16,6 +16,19 @@ class KDADError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+class Interrupted(Exception):
+    """The run was stopped from outside (SIGTERM: a cluster's pre-emption or time limit).
+
+    Not a failure of the run: its folder keeps a resumable ``last.ckpt`` and an
+    ``INTERRUPTED`` mark, and running the same command again resumes it. The command exits
+    with status 143 (128 + SIGTERM), so a scheduler sees that it did not finish."""
+
+    EXIT_CODE = 143
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
 def one_line(exc: BaseException) -> str:
     """The user-facing line of ``exc``, also when a DataLoader worker re-raised it.
 

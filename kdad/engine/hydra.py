@@ -24,12 +24,21 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kdad.engine import wandb as kdad_wandb
-from kdad.errors import KDADError, one_line
+from kdad.errors import Interrupted, KDADError, one_line
 from kdad.io.atomic import write_text_atomic
 
 log = logging.getLogger("kdad")
 
 FAILED: list[str] = []
+# The run-folder marks of a job that did not finish: its one-line reason.
+MARKS = ("FAILED", "INTERRUPTED")
+
+
+def clear_marks(folder: Path) -> None:
+    """Remove the marks of an earlier attempt: this one is running now."""
+    for mark in MARKS:
+        with contextlib.suppress(FileNotFoundError):
+            (folder / mark).unlink()
 
 
 def _gpu_slot(num_gpus: int = 1) -> int:
@@ -93,17 +102,31 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
 
     def wrapper(cfg: DictConfig) -> Any:
         try:
-            return task(cfg)
+            result = task(cfg)
+        except Interrupted as exc:
+            kdad_wandb.finish(exit_code=Interrupted.EXIT_CODE)
+            message = one_line(exc)
+            print(f"kdad: interrupted: {message}", file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                write_text_atomic(output_dir() / "INTERRUPTED", message + "\n")
+            if is_multirun():  # the process is being stopped: start no further job
+                with contextlib.suppress(Exception):
+                    write_sweep_status(Path(HydraConfig.get().sweep.dir))
+            sys.exit(Interrupted.EXIT_CODE)
         except Exception as exc:
             message = user_error_message(exc)
             if message is None:
+                kdad_wandb.finish(exit_code=1)
                 if not is_multirun():
                     raise  # a bug: keep the traceback
                 # In a sweep one crashing job must not take the others down: log it, record it.
                 log.error("job crashed:\n%s", traceback.format_exc())
                 message = f"crashed: {type(exc).__name__}: {one_line(exc)[:300]} (traceback in the job's log)"
-        finally:
+            else:
+                kdad_wandb.finish(exit_code=2)
+        else:
             kdad_wandb.finish()
+            return result
         print(f"kdad: error: {message}", file=sys.stderr, flush=True)
         with contextlib.suppress(OSError):
             write_text_atomic(output_dir() / "FAILED", message + "\n")
@@ -139,6 +162,35 @@ def exit_if_failed() -> None:
         sys.exit(2)
 
 
+def write_sweep_status(sweep: Path) -> list[dict[str, str]]:
+    """``sweep_status.json``: how many jobs have a folder, which finished, which failed and
+    why, which were interrupted; returns the failed ones."""
+    jobs = sorted(p.parent for p in sweep.rglob(".hydra") if p.parent != sweep)
+
+    def marked(mark: str) -> list[dict[str, str]]:
+        return [
+            {"folder": str(job), "reason": (job / mark).read_text().strip()}
+            for job in jobs
+            if (job / mark).is_file() and not (job / "metrics.json").is_file()
+        ]
+
+    failed, interrupted = marked("FAILED"), marked("INTERRUPTED")
+    finished = [str(job) for job in jobs if (job / "metrics.json").is_file()]
+    status = {"jobs": len(jobs), "finished": len(finished), "failed": failed}
+    if interrupted:
+        status["interrupted"] = interrupted
+    write_text_atomic(sweep / "sweep_status.json", json.dumps(status, indent=2) + "\n")
+    log.info(
+        "sweep %s: %d jobs, %d finished, %d failed%s",
+        sweep,
+        len(jobs),
+        len(finished),
+        len(failed),
+        f", {len(interrupted)} interrupted" if interrupted else "",
+    )
+    return failed
+
+
 class SweepReport(Callback):
     """Hydra callback: at the end of a multirun, list failed jobs and make the command fail.
 
@@ -148,23 +200,7 @@ class SweepReport(Callback):
     """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep = Path(str(config.hydra.sweep.dir))
-        jobs = sorted(p.parent for p in sweep.rglob(".hydra") if p.parent != sweep)
-        failed = [
-            {"folder": str(job), "reason": (job / "FAILED").read_text().strip()}
-            for job in jobs
-            if (job / "FAILED").is_file()
-        ]
-        finished = [str(job) for job in jobs if (job / "metrics.json").is_file()]
-        status = {"jobs": len(jobs), "finished": len(finished), "failed": failed}
-        write_text_atomic(sweep / "sweep_status.json", json.dumps(status, indent=2) + "\n")
-        log.info(
-            "sweep %s: %d jobs, %d finished, %d failed",
-            sweep,
-            len(jobs),
-            len(finished),
-            len(failed),
-        )
+        failed = write_sweep_status(Path(str(config.hydra.sweep.dir)))
         for item in failed:
             print(f"kdad: failed job {item['folder']}: {item['reason']}", file=sys.stderr)
             if item["reason"] not in FAILED:

@@ -24,11 +24,16 @@ from kdad.data.download import instantiate_data
 from kdad.engine import hydra as kdad_hydra
 from kdad.engine import validate
 from kdad.engine import wandb as kdad_wandb
-from kdad.errors import KDADError
+from kdad.errors import Interrupted, KDADError
 from kdad.io.atomic import write_json_atomic, write_text_atomic
 from kdad.io.checkpoint import checkpoint_model_name, read_checkpoint, write_checkpoint
 from kdad.io.results import build_results
-from kdad.lightning.callbacks import SpeedMonitor, ThresholdFitter, save_checkpoint_atomically
+from kdad.lightning.callbacks import (
+    SaveOnInterrupt,
+    SpeedMonitor,
+    ThresholdFitter,
+    save_checkpoint_atomically,
+)
 from kdad.lightning.loading import load_module
 from kdad.lightning.module import DistillationModule
 from kdad.metrics import thresholds as kdad_thresholds
@@ -224,6 +229,7 @@ def train(cfg: DictConfig) -> float | None:
     ):
         cfg.callbacks.model_checkpoint.monitor = None  # nothing to monitor without validation
 
+    kdad_hydra.clear_marks(out)  # a FAILED/INTERRUPTED of an earlier attempt is history now
     module = validate.built(f"model={cfg.model_name}", lambda: build_module(cfg))
     validate.check_input_size(
         module.net,
@@ -232,21 +238,31 @@ def train(cfg: DictConfig) -> float | None:
     )
     kdad_hydra.prepare_ddp_relaunch()
     speed = SpeedMonitor()
+    ckpt_dir = out / "checkpoints"
+    saver = SaveOnInterrupt(ckpt_dir / "last.ckpt")
     # Without validation images, tell Lightning so instead of letting it warn about an empty loader.
     trainer = validate.built(
         "trainer",
         lambda: build_trainer(
             cfg,
-            [speed, fitter],
+            [speed, fitter, saver],
             **({"limit_val_batches": 0} if datamodule.val_dataset is None else {}),
         ),
     )
     log_run_config(trainer, cfg, module)
 
-    ckpt_dir = out / "checkpoints"
-    trainer.fit(
-        module, datamodule=datamodule, ckpt_path=resume_path(cfg, ckpt_dir), weights_only=True
-    )
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        trainer.fit(
+            module, datamodule=datamodule, ckpt_path=resume_path(cfg, ckpt_dir), weights_only=True
+        )
+    except SIGTERMException:
+        kept = "checkpoints/last.ckpt saved" if saver.saved else "no checkpoint could be saved"
+        raise Interrupted(
+            f"stopped by SIGTERM in epoch {trainer.current_epoch + 1}; {kept}: run the same "
+            "command again to resume (resume=auto)"
+        ) from None
     # The fitter has set the thresholds (on_fit_end): the final checkpoint carries them, with
     # the optimizer state (for resuming).
     final = ckpt_dir / "last.ckpt"

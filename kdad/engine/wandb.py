@@ -245,13 +245,14 @@ def log_model(loggers: Sequence[Any], checkpoint: Path, config_file: Path, confi
         log.info("W&B: checkpoint %s logged as artifact %s", checkpoint, artifact.name)
 
 
-def finish() -> None:
-    """Close this job's W&B run so the next job of a multirun starts its own (and never hangs)."""
+def finish(exit_code: int = 0) -> None:
+    """Close this job's W&B run so the next job of a multirun starts its own (and never hangs);
+    a non-zero ``exit_code`` marks the W&B run failed, as the job did."""
     if "wandb" in sys.modules:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
 
 
 def log_model_requested(cfg: DictConfig) -> bool:

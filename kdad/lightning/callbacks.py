@@ -165,6 +165,25 @@ class Checkpoints(ModelCheckpoint):
                 logger.after_save_checkpoint(proxy(self))
 
 
+class SaveOnInterrupt(L.Callback):
+    """On SIGTERM (Lightning stops its loops with ``SIGTERMException``), write a resumable
+    ``last.ckpt`` (weights, optimiser and loop state; atomically) before the run stops."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.saved = False
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint_atomically(trainer, self.path, weights_only=False)
+            self.saved = True
+
+
 class ThresholdFitter(L.Callback):
     """Fits the decision thresholds when fitting ends, on the validation split (never the test
     set), and keeps them on the module, so every checkpoint saved afterwards carries them

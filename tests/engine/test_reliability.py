@@ -248,3 +248,56 @@ def test_sweep_with_a_killed_and_a_failing_job_continues_when_run_again(
     for category in ("stripes", "cells", "dots"):
         assert category in table
     assert "Missing runs (1)" in table and bad.name in table and "missing" in agg.stdout.lower()
+
+
+def _terminate_when(proc: subprocess.Popen, ready, timeout: float = 300) -> str:
+    """SIGTERM ``proc`` (what Slurm sends on pre-emption or time limit) once ``ready()``
+    holds; wait for it and return its stderr."""
+    start = time.monotonic()
+    while not ready():
+        assert proc.poll() is None, f"finished first: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() - start < timeout, "timed out waiting to terminate"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    return stderr
+
+
+def test_sigterm_leaves_a_resumable_marked_run_and_a_rerun_finishes_it(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    folder = tmp_path / "run"
+    args = [*RESUMABLE, "trainer.max_epochs=4", f"hydra.run.dir={folder}"]
+    last = folder / "checkpoints" / "last.ckpt"
+    proc = _start(args, env, tmp_path)
+    stderr = _terminate_when(proc, last.is_file)  # in epoch 2 or later
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "kdad: interrupted: stopped by SIGTERM" in stderr
+    assert "checkpoints/last.ckpt saved" in stderr
+    assert (folder / "INTERRUPTED").is_file() and not (folder / "FAILED").exists()
+    assert not (folder / "metrics.json").exists()
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["global_step"] > 0 and saved["kdad"]["sha256"]  # a signed, resumable checkpoint
+    # The same command again resumes it (resume=auto) and finishes; the mark is cleared.
+    proc = run("kdad.cli.train", args, env, tmp_path)
+    assert "resuming from" in proc.stdout + proc.stderr
+    assert (folder / "metrics.json").is_file() and not (folder / "INTERRUPTED").exists()
+
+
+def test_sigterm_stops_a_multirun_with_its_status_and_a_rerun_completes_it(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    sweep = tmp_path / "sweep"
+    args = ["-m", *RESUMABLE, "trainer.max_epochs=4", "seed=1,2", f"hydra.sweep.dir={sweep}"]
+    proc = _start(args, env, tmp_path)
+    stderr = _terminate_when(proc, (sweep / "0" / "checkpoints" / "last.ckpt").is_file)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert not (sweep / "1").exists()  # the later job never started
+    status = json.loads((sweep / "sweep_status.json").read_text())
+    assert status["finished"] == 0 and status["failed"] == []
+    assert [item["folder"] for item in status["interrupted"]] == [str(sweep / "0")]
+    # Re-running the sweep resumes the interrupted job and runs the other.
+    proc = run("kdad.cli.train", args, env, tmp_path)
+    assert "holds an unfinished run; resuming" in proc.stdout + proc.stderr
+    status = json.loads((sweep / "sweep_status.json").read_text())
+    assert status == {"jobs": 2, "finished": 2, "failed": []}
