@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -170,6 +171,9 @@ def hardware() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), no GPU"
 
 
+THREADS: str | None = None  # OMP_NUM_THREADS of each run (--jobs > 1: one thread each)
+
+
 def execute(stage: str, name: str, overrides: list[str], resumes: str | None) -> bool:
     dest = RESULTS / stage / name
     if (dest / "metrics.json").is_file():
@@ -208,6 +212,8 @@ def execute(stage: str, name: str, overrides: list[str], resumes: str | None) ->
 
 def _environment() -> dict[str, str]:
     env = dict(os.environ)
+    if THREADS is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = THREADS
     if CODE != ROOT:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE), env.get("PYTHONPATH")]))
     return env
@@ -251,13 +257,43 @@ def aggregate(stage: str) -> None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def run_all(stage: str, runs: list[tuple[str, list[str], str | None]], jobs: int) -> None:
+    """Every run of the stage, ``jobs`` at a time; a run that resumes another starts after it."""
+    pending = list(runs)
+    active: dict[str, threading.Thread] = {}
+    done = {n for n, _, _ in runs if (RESULTS / stage / n / "metrics.json").is_file()}
+    while pending or active:
+        for name, thread in list(active.items()):
+            if not thread.is_alive():
+                del active[name]
+                done.add(name)
+        ready = [r for r in pending if r[2] is None or r[2] in done]
+        while ready and len(active) < jobs:
+            name, overrides, resumes = ready.pop(0)
+            pending.remove((name, overrides, resumes))
+            thread = threading.Thread(target=execute, args=(stage, name, overrides, resumes))
+            thread.start()
+            active[name] = thread
+        if not ready and not active and pending:
+            raise SystemExit(f"{stage}: runs wait for runs that are not in the stage: {pending}")
+        time.sleep(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", help="convergence | headline | switches | lite2 | all | a switch")
     parser.add_argument("--list", action="store_true", help="list the runs, do nothing")
     parser.add_argument("--code", type=Path, default=None, help="a checkout whose kdad to run")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time, one thread each (small networks use 2 cores better this way)",
+    )
     args = parser.parse_args(argv)
-    global CODE
+    global CODE, THREADS
+    if args.jobs > 1:
+        THREADS = "1"
     if args.code is not None:
         CODE = args.code.resolve()
         if not (CODE / "kdad" / "cli" / "train.py").is_file():
@@ -288,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         todo = sum(not (RESULTS / stage / n / "metrics.json").is_file() for n, _, _ in runs)
         print(f"{stage}: {len(runs)} runs, {todo} to do", flush=True)
-        for name, overrides, resumes in runs:
-            execute(stage, name, overrides, resumes)
+        run_all(stage, runs, args.jobs)
         aggregate(stage)
     return 0
 

@@ -1,0 +1,189 @@
+"""The photos studies' tables, from the committed results only: ``results/summary.md``.
+
+    python experiments/photos/summary.py
+
+- convergence: each variant's metrics against the epoch count (one category, seed 0);
+- each table of variants: metrics in %, mean ± std over the seeds (a seed's value: the mean
+  over the table's categories), the kNN line's row beside them, and each row's gap to it;
+  then image AUROC per category.
+
+Every number the README of this study quotes is in ``results/summary.md`` (or in a stage's
+``aggregate.md``, written by ``kdad-aggregate``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap")
+NAMES = {
+    "image_auroc": "image AUROC",
+    "pixel_auroc": "pixel AUROC",
+    "pixel_aupro": "AUPRO",
+    "pixel_ap": "pixel AP",
+}
+sys.path.insert(0, str(HERE))
+from study import REFERENCE, SWITCHES  # noqa: E402
+
+
+def runs(stage: str) -> list[dict]:
+    found = []
+    for path in sorted((RESULTS / stage).glob("*/metrics.json")):
+        metrics = json.loads(path.read_text())
+        config_path = path.parent / "config.yaml"
+        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+        found.append({**metrics, "run": path.parent.name, "config": config})
+    return found
+
+
+def label(run: dict, keys: tuple[str, ...] = ()) -> str:
+    parts = []
+    for key in keys:
+        node = run["config"]
+        for part in key.split("."):
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        parts.append(f"{key.rsplit('.', 1)[-1]}={node}")
+    return run["model"] + (f" [{', '.join(parts)}]" if parts else "")
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f} (1 seed)"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def variants_table(rows: list[dict], keys: tuple[str, ...] = ()) -> list[str]:
+    """Mean ± std over seeds of the per-seed means over categories, the kNN row beside."""
+    by_variant: dict[str, dict[int, dict[str, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    categories: dict[str, set[str]] = defaultdict(set)
+    for run in rows:
+        name = label(run, keys if run["model"] != REFERENCE else ())
+        categories[name].add(run["category"])
+        for metric in METRICS:
+            by_variant[name][int(run["seed"])][metric].append(run[metric])
+    reference = next((n for n in by_variant if n == REFERENCE), None)
+    out = [
+        "| variant | seeds | categories | "
+        + " | ".join(NAMES[m] for m in METRICS)
+        + " | image AUROC vs kNN |",
+        "|---|---|---|" + "---|" * len(METRICS) + "---|",
+    ]
+
+    def per_seed(name: str, metric: str) -> list[float]:
+        return [statistics.mean(v[metric]) for v in by_variant[name].values()]
+
+    order = sorted(by_variant, key=lambda n: (n == REFERENCE, n))
+    for name in order:
+        cells = [mean_std(per_seed(name, metric)) for metric in METRICS]
+        gap = ""
+        if reference is not None and name != reference:
+            delta = statistics.mean(per_seed(name, "image_auroc")) - statistics.mean(
+                per_seed(reference, "image_auroc")
+            )
+            gap = f"{100 * delta:+.2f}"
+        shown = f"**{name}** (reference)" if name == REFERENCE else name
+        out.append(
+            f"| {shown} | {len(by_variant[name])} | {len(categories[name])} | "
+            + " | ".join(cells)
+            + f" | {gap} |"
+        )
+    return out
+
+
+def per_category(rows: list[dict], keys: tuple[str, ...] = ()) -> list[str]:
+    values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in rows:
+        name = label(run, keys if run["model"] != REFERENCE else ())
+        values[name][run["category"]].append(run["image_auroc"])
+    categories = sorted({c for v in values.values() for c in v})
+    out = [
+        "| variant | " + " | ".join(categories) + " |",
+        "|---|" + "---|" * len(categories),
+    ]
+    for name in sorted(values, key=lambda n: (n == REFERENCE, n)):
+        cells = [mean_std(values[name][c]) if values[name].get(c) else "–" for c in categories]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
+
+
+def convergence() -> list[str]:
+    rows = [r for r in runs("convergence") if r["model"] != REFERENCE]
+    if not rows:
+        return []
+    epochs = sorted({int(r["config"]["trainer"]["max_epochs"]) for r in rows})
+    out = ["## Convergence (category coffee, seed 0, Lite0 teacher, 128 px)", ""]
+    for metric in ("image_auroc", "pixel_auroc", "pixel_aupro"):
+        out += [
+            f"{NAMES[metric]} (%) against epochs:",
+            "",
+            "| variant | " + " | ".join(str(e) for e in epochs) + " |",
+            "|---|" + "---|" * len(epochs),
+        ]
+        table: dict[str, dict[int, float]] = defaultdict(dict)
+        for run in rows:
+            table[run["model"]][int(run["config"]["trainer"]["max_epochs"])] = run[metric]
+        for model in sorted(table):
+            cells = [f"{100 * table[model][e]:.1f}" if e in table[model] else "–" for e in epochs]
+            out.append(f"| {model} | " + " | ".join(cells) + " |")
+        knn = [r for r in runs("convergence") if r["model"] == REFERENCE]
+        if knn:
+            out.append(
+                f"| **knn** (no training) | {100 * knn[0][metric]:.1f} |" + " |" * (len(epochs) - 1)
+            )
+        out.append("")
+    return out
+
+
+def main() -> int:
+    lines = [
+        "# Photos studies: tables from the committed results",
+        "",
+        "Written by `python experiments/photos/summary.py` from `results/<stage>/<run>/metrics.json`.",
+        "Metrics in %, mean ± std over seeds (a seed's value: the mean over the table's",
+        "categories); `image AUROC vs kNN`: the row's mean minus the kNN line's, in points.",
+        "",
+    ]
+    lines += convergence()
+    for stage, title in (("headline", "Headline: Lite0 teacher"), ("lite2", "Lite2 teacher")):
+        rows = runs(stage)
+        if rows:
+            lines += [f"## {title}", "", *variants_table(rows), "", "Image AUROC per category:", ""]
+            lines += [*per_category(rows), ""]
+    headline = runs("headline")
+    for stage, (model, options) in SWITCHES.items():
+        rows = runs(stage)
+        if not rows:
+            continue
+        keys = tuple(sorted({o.split("=", 1)[0] for option in options for o in option.split()}))
+        categories = {r["category"] for r in rows}
+        seeds = {int(r["seed"]) for r in rows}
+        reference = [
+            r
+            for r in headline
+            if r["model"] in (model, REFERENCE)
+            and r["category"] in categories
+            and int(r["seed"]) in seeds
+        ]
+        lines += [
+            f"## Switch: {stage} (`model={model}`, categories {', '.join(sorted(categories))})",
+            "",
+            *variants_table([*rows, *reference], keys),
+            "",
+        ]
+    (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
+    print((RESULTS / "summary.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
