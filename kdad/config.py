@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +105,3 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
 
     walk(container, prefix)
     return flat
-
-
-def check_keys(cfg: DictConfig, required: Iterable[str]) -> None:
-    for key in required:
-        if OmegaConf.select(cfg, key, throw_on_missing=False) is None:
-            raise KDADError(f"missing config key {key}")

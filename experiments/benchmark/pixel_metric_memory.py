@@ -1,6 +1,6 @@
 """Memory of the test metrics: where the stored maps live, and the peak while computing.
 
-The test loop (kdad.lightning_module) feeds every batch's anomaly maps and masks to the
+The test loop (kdad.lightning.module) feeds every batch's anomaly maps and masks to the
 metrics of :func:`kdad.metrics.build_metrics`; they are exact, so they keep every pixel
 (float32 map + uint8 mask per pixel metric) until ``compute()``. This script replays that
 loop on synthetic maps (``--images`` at ``--size`` px, batches of ``--batch``, generated

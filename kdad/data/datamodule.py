@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
+import hydra.utils
 import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from kdad.data.dataset import AnomalyDataset
+from kdad.data.download import dataset_spec, ensure_dataset
 from kdad.data.layouts import Sample, btad_samples, folder_samples, mvtec_samples
 from kdad.data.photos import PHOTO_CATEGORIES, ensure_photos
 from kdad.data.synthetic import SYNTHETIC_CATEGORIES, ensure_synthetic
@@ -277,5 +281,13 @@ class AnomalyDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+
+def instantiate_data(data_cfg: DictConfig) -> Any:
+    """The data module of ``cfg.data``; with ``data.download=true``, fetch the dataset first
+    (:mod:`kdad.data.download`)."""
+    container = OmegaConf.to_container(data_cfg, resolve=True)
+    download = bool(container.pop("download", False))
+    if download:
+        layout = str(container.get("layout"))
+        ensure_dataset(layout, container["root"], dataset_spec(layout))
+    return hydra.utils.instantiate(container, _convert_="all")

@@ -36,7 +36,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from kdad.config import CONFIG_DIR
@@ -347,16 +346,6 @@ def ensure_dataset(
             source.unlink(missing_ok=True)
     log.info("%s is ready in %s", name, root)
     return root
-
-
-def instantiate_data(data_cfg: DictConfig) -> Any:
-    """The data module of ``cfg.data``; with ``data.download=true``, fetch the dataset first."""
-    container = OmegaConf.to_container(data_cfg, resolve=True)
-    download = bool(container.pop("download", False))
-    if download:
-        layout = str(container.get("layout"))
-        ensure_dataset(layout, container["root"], dataset_spec(layout))
-    return hydra.utils.instantiate(container, _convert_="all")
 
 
 def download(cfg: DictConfig) -> None:

@@ -1,7 +1,7 @@
 """``data=photos``: real photographs with planted, realistic defects, in the MVTec AD layout.
 
-The team's benchmark for claims about the methods (``DESIGN.md``: claims are measured here,
-not on procedural textures, where every variant looks alike). Each category is one
+The team's benchmark for claims about the methods (claims are measured here, not on
+procedural textures, where every variant looks alike). Each category is one
 photograph that ships inside a pip package kdad depends on (scikit-image, scikit-learn), so
 the benchmark needs no download. A normal image is a view of the photograph:
 
@@ -120,7 +120,7 @@ PHOTO_SOURCES: dict[str, PhotoSource] = {
     ),
 }
 PHOTO_CATEGORIES = tuple(PHOTO_SOURCES)
-# Never used by kdad (DESIGN.md): kept for an independent check of its claims.
+# Never used by kdad: kept for an independent check of its claims.
 RESERVED = ("brick.png", "grass.png", "gravel.png", "ihc.png")
 DEFECT_TYPES = ("scratch", "stain", "cut", "paste", "colour")
 DEFAULT_PARAMS = {

@@ -19,8 +19,8 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdad.config import flatten
+from kdad.data.datamodule import instantiate_data
 from kdad.data.dataset import verify_files
-from kdad.data.download import instantiate_data
 from kdad.engine import hydra as kdad_hydra
 from kdad.engine import validate
 from kdad.engine import wandb as kdad_wandb

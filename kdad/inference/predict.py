@@ -11,7 +11,7 @@ the checkpoint. The run folder gets:
   normalized_score, label, defect_fraction, overlay, error``. ``status`` is ``ok`` or
   ``failed`` (the file could not be read: ``error`` says why, the other values are empty).
   ``score`` is the raw image score; ``normalized_score`` puts the image threshold at 1 and the
-  median normal validation score at 0 (:mod:`kdad.thresholds`); ``label`` is 1 (anomalous,
+  median normal validation score at 0 (:mod:`kdad.metrics.thresholds`); ``label`` is 1 (anomalous,
   ``score > threshold``) or 0; ``defect_fraction`` is the share of map pixels above the pixel
   threshold. Without thresholds (a model trained with ``data.val_fraction=0`` and none given
   as ``image_threshold=``/``pixel_threshold=``) these three are empty.

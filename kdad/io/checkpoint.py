@@ -43,7 +43,7 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 
     That is ``checkpoints/last.ckpt``, or ``checkpoints/best.ckpt`` for a run with
     ``test_ckpt: best`` (STFPM's default) in its config.yaml. (Resuming always takes
-    last.ckpt: see kdad.train.)
+    last.ckpt: see kdad.engine.run.resume_path.)
     """
     path = Path(os.path.expanduser(str(path)))
     if path.is_dir():

@@ -149,7 +149,7 @@ class DistillationModule(L.LightningModule):
         # A bound method, not a module: a second module attribute would duplicate the state dict.
         self._train_forward = torch.compile(self.net.forward) if compile else self.net.forward
         # The frozen teacher's features of each training image, computed in the first epoch
-        # and reused (kdad.teacher_cache); built in on_train_start once the data size is known.
+        # and reused (kdad.lightning.teacher_cache); built in on_train_start once the data size is known.
         self.teacher_cache_mode = _cache_mode(teacher_cache)
         self.teacher_cache_max_gb = float(teacher_cache_max_gb)
         self._teacher_cache: TeacherFeatureCache | None = None
@@ -162,7 +162,7 @@ class DistillationModule(L.LightningModule):
         self.test_metrics = nn.ModuleDict(build_metrics())
         self.train_stats: dict[str, float] = {}
         self.test_results: dict[str, float] = {}
-        # Fit on validation data after training (kdad.thresholds); None until then.
+        # Fit on validation data after training (kdad.metrics.thresholds); None until then.
         self.thresholds: dict[str, Any] | None = None
         self._epoch_end_rng: dict[str, Any] | None = None
 

@@ -6,7 +6,7 @@ A variant is a plain ``nn.Module`` holding a frozen ``teacher`` and trainable st
   the student must reproduce and what it produced, one pair per alignment;
 - ``loss(pairs)`` is the variant's training objective on those pairs;
 - ``predict(images)`` returns the anomaly map (N,1,H,W) at the input size and the image
-  scores (N,), through the shared :mod:`kdad.anomaly_map`.
+  scores (N,), through the shared :mod:`kdad.models.anomaly_map`.
 """
 
 from __future__ import annotations

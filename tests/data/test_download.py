@@ -28,6 +28,7 @@ from fake_trees import make_btad_tree, make_mvtec_tree
 from omegaconf import OmegaConf
 
 from kdad.data import download as kdad_download
+from kdad.data.datamodule import instantiate_data
 from kdad.data.download import MARKER, ensure_dataset
 from kdad.errors import KDADError
 
@@ -283,7 +284,7 @@ def test_data_download_true_fetches_before_building_the_datamodule(
             "download": True,
         }
     )
-    datamodule = kdad_download.instantiate_data(data)
+    datamodule = instantiate_data(data)
     datamodule.setup()
     assert len(datamodule.train_dataset) == 3 and (root / MARKER).is_file()
     with pytest.raises(KDADError, match="can download btad, mvtec only"):

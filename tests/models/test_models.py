@@ -17,7 +17,7 @@ def _count(module: torch.nn.Module) -> int:
 @pytest.mark.parametrize(
     ("backbone", "bottleneck", "decoder"),
     [
-        ("wide_resnet50_2", 67_277_824, 24_917_504),  # official code, DESIGN.md
+        ("wide_resnet50_2", 67_277_824, 24_917_504),  # the official code's counts
         ("resnet18", 12_205_312, 3_703_168),
     ],
 )

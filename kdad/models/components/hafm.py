@@ -118,11 +118,6 @@ class StageFusion(nn.Module):
         elif mode == "cbam":
             self.attention = CBAM(channels, reduction, kernel_size)
 
-    @property
-    def passes_through(self) -> bool:
-        """True when the stage returns the student map unchanged (RD4AD's behaviour)."""
-        return self.merge is None and self.attention is None
-
     def forward(self, student: Tensor, recalled: Tensor | None = None) -> Tensor:
         if self.merge is not None and recalled is None:
             raise KDADError(
