@@ -144,7 +144,11 @@ def convergence() -> list[str]:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.parse_args(argv)
     lines = [
         "# Photos studies: tables from the committed results",
         "",

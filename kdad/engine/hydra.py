@@ -45,7 +45,7 @@ def _gpu_slot(num_gpus: int = 1) -> int:
     """The GPU of this job when a sweep runs ``num_gpus`` jobs side by side (job number mod N)."""
     try:
         return int(HydraConfig.get().job.num) % max(int(num_gpus), 1)
-    except (ValueError, TypeError):
+    except Exception:  # no Hydra job (composing with --cfg, a single run): the first GPU
         return 0
 
 

@@ -54,6 +54,9 @@ def pooled_descriptors(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``x`` (N, C, H, W) -> (mean over H x W, max over H x W) (N, C) and (mean over C,
     max over C) (N, H, W): what channel and spatial attention pool (:class:`_Pools`)."""
     n, c, h, w = x.shape
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        # Inference and exported graphs: the plain operators (no backward to fuse).
+        return x.mean(dim=(2, 3)), x.amax(dim=(2, 3)), x.mean(dim=1), x.amax(dim=1)
     positions = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view of channels-last memory
     mean_hw, max_hw, mean_c, max_c, _, _ = _Pools.apply(positions)
     return mean_hw, max_hw, mean_c.view(n, h, w), max_c.view(n, h, w)
