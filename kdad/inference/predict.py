@@ -21,7 +21,8 @@ the checkpoint. The run folder gets:
   and made unique, so nothing is written outside the run folder and same-named files from
   different folders never overwrite each other.
 
-Unreadable files are skipped with a warning and a ``failed`` row; the run goes on.
+Unreadable files are skipped with a warning and a ``failed`` row; the run goes on. When no
+input at all could be read, the command fails (exit 2) after writing ``predictions.csv``.
 """
 
 from __future__ import annotations
@@ -415,6 +416,11 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         summary["images_per_second"],
         out / "predictions.csv",
     )
+    if inputs and failed == len(inputs):
+        # Nothing was scored: a failure, whatever the rows say (predictions.csv lists why).
+        raise KDADError(
+            f"none of the {failed} input image(s) could be read (reasons in {out / 'predictions.csv'})"
+        )
     return summary
 
 

@@ -563,3 +563,21 @@ def test_a_run_folder_means_the_checkpoint_it_tested(tmp_path: Path) -> None:
     assert resolve_checkpoint_path(tmp_path).name == "last.ckpt"
     (tmp_path / "config.yaml").write_text("task_name: train\ntest_ckpt: best\n")  # STFPM
     assert resolve_checkpoint_path(tmp_path).name == "best.ckpt"
+
+
+def test_predict_fails_when_no_input_could_be_read(trained: Path, env, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"not a png")
+    (folder / "b.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    proc = run_in_process(
+        "kdad.cli.predict",
+        [f"ckpt_path={trained}", f"input={folder}", f"hydra.run.dir={out}"],
+        env,
+        tmp_path,
+        expect=2,
+    )
+    assert "kdad: error: none of the 2 input image(s) could be read" in proc.stderr
+    rows = read_rows(out / "predictions.csv")  # the reasons are written first
+    assert [r["status"] for r in rows] == ["failed", "failed"]
