@@ -232,9 +232,9 @@ def test_interrupted_download_keeps_nothing_and_is_never_resumed(
     ("name", "message"),
     [
         ("cut.tar.gz", "cannot extract"),  # fails half-way through extraction
-        ("unsafe.tar.gz", "cannot extract"),  # a member outside the folder
+        ("unsafe.tar.gz", "unsafe member '../escaped.txt'"),  # a member outside the folder
         ("other.tar.gz", "does not hold the mvtec layout"),
-        ("linked.tar.gz", "holds a symbolic link"),
+        ("linked.tar.gz", "unsafe member 'mvtec/data'"),  # a symbolic link
     ],
 )
 def test_failed_extraction_leaves_no_half_tree(
@@ -340,3 +340,35 @@ def test_cli(server, archives, tmp_path: Path) -> None:
     count = len(server.requests)
     again = run_cli(good, tmp_path)
     assert again.returncode == 0 and len(server.requests) == count  # idempotent
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_absolute_paths_and_bombs_are_refused_before_extraction(tmp_path: Path, kind: str) -> None:
+    def archive(name: str, entries: list[tuple[str, bytes]]) -> Path:
+        path = tmp_path / f"{name}.{kind}"
+        if kind == "zip":
+            with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as handle:
+                for member, data in entries:
+                    handle.writestr(member, data)
+        else:
+            with tarfile.open(path, "w:gz") as handle:
+                for member, data in entries:
+                    info = tarfile.TarInfo(member)
+                    info.size = len(data)
+                    handle.addfile(info, io.BytesIO(data))
+        return path
+
+    out = tmp_path / "out"
+    with pytest.raises(KDADError, match="unsafe member '/etc/kdad_test'"):
+        kdad_download.unpack(archive("absolute", [("/etc/kdad_test", b"x")]), out)
+    # A "bomb": tiny compressed, huge unpacked (here: over a small cap).
+    zeros = archive("zeros", [("a/zeros.bin", bytes(2_000_000))])
+    assert zeros.stat().st_size < 100_000
+    with pytest.raises(KDADError, match="more than the 10 members / 1000000 bytes"):
+        kdad_download.unpack(zeros, out, max_members=10, max_bytes=1_000_000)
+    many = archive("many", [(f"a/{i}.txt", b"x") for i in range(11)])
+    with pytest.raises(KDADError, match="unpacks to 11 members"):
+        kdad_download.unpack(many, out, max_members=10, max_bytes=1_000_000)
+    assert not out.exists() or not any(out.rglob("*"))  # nothing was written
+    kdad_download.unpack(many, out, max_members=11, max_bytes=1_000_000)
+    assert len(list((out / "a").iterdir())) == 11
