@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from kdad.data.layouts import Sample
-from kdad.data.transforms import Preprocess, file_problem, load_image, load_mask
+from kdad.data.transforms import Preprocess, file_problem, image_size, load_image, load_mask
 from kdad.errors import KDADError
 
 
@@ -89,12 +89,14 @@ def _check_mask_shape(mask: tuple[int, ...], image: tuple[int, ...], sample: Sam
 
 
 def verify_files(datasets: Iterable[AnomalyDataset | None]) -> int:
-    """Check every image and mask file the datasets will read (:func:`file_problem`) before
-    any work is spent on them; one line naming the first bad file(s). Returns the count."""
+    """Check every image and mask file the datasets will read (:func:`file_problem`) and that
+    each mask has its image's size or aspect ratio, before any work is spent on them; one line
+    naming the first bad file(s). Returns the count."""
     problems: list[str] = []
     count = 0
     for dataset in datasets:
         for sample in dataset.samples if dataset is not None else ():
+            readable = True
             for path in (sample.image_path, sample.mask_path):
                 if path is None:
                     continue
@@ -102,10 +104,19 @@ def verify_files(datasets: Iterable[AnomalyDataset | None]) -> int:
                 reason = file_problem(path)
                 if reason is not None:
                     problems.append(f"{path}: {reason}")
+                    readable = False
+            if readable and sample.label == 1 and sample.mask_path is not None:
+                # A mask of the wrong size, from the headers (nothing decoded).
+                try:
+                    _check_mask_shape(
+                        image_size(sample.mask_path), image_size(sample.image_path), sample
+                    )
+                except KDADError as exc:
+                    problems.append(str(exc))
     if problems:
         more = f" (and {len(problems) - 1} more, e.g. {problems[1]})" if len(problems) > 1 else ""
         raise KDADError(
-            f"{len(problems)} of {count} image/mask files cannot be read: {problems[0]}{more}; "
+            f"{len(problems)} of {count} image/mask files cannot be used: {problems[0]}{more}; "
             "fix or remove them (nothing was trained)"
         )
     return count

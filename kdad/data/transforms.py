@@ -56,6 +56,12 @@ def file_problem(path: str | Path) -> str | None:
     return None
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of the image at ``path``, from its header."""
+    with Image.open(path) as image:
+        return image.height, image.width
+
+
 def _to_uint8(image: Image.Image) -> np.ndarray:
     """An HxW or HxWxC uint8 array of ``image``, with wide integer/float data scaled to 0..255."""
     if image.mode in _SIXTEEN_BIT:

@@ -182,6 +182,34 @@ def test_a_corrupt_test_image_is_found_before_training(env: dict[str, str], tmp_
     assert not (out / "checkpoints").exists()
 
 
+def test_a_mask_of_the_wrong_size_is_found_before_training(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    cache = tmp_path / "cache"
+    root = ensure_synthetic(
+        cache / "synthetic",
+        "dots",
+        resolution=64,
+        num_train=16,
+        num_test_good=6,
+        num_test_per_defect=2,
+    )
+    mask = sorted((root / "dots" / "ground_truth").rglob("*_mask.png"))[0]
+    Image.new("L", (64, 32)).save(mask)  # another image's mask: 64x32 for a 64x64 image
+    out = tmp_path / "run"
+    proc = run_in_process(
+        "kdad.cli.train",
+        [*TINY, "logger=none", "data.category=dots", f"hydra.run.dir={out}"],
+        {**env, "KDAD_CACHE_DIR": str(cache)},
+        tmp_path,
+        expect=2,
+    )
+    assert f"mask {mask} is 64x32 but its image" in proc.stderr
+    assert "nothing was trained" in proc.stderr and not (out / "checkpoints").exists()
+
+
 def test_aggregate_skips_a_malformed_metrics_file_and_pngs_are_readable(
     env: dict[str, str], tmp_path: Path
 ) -> None:
