@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import pickle
@@ -32,8 +31,6 @@ from kdad.errors import KDADError
 from kdad.io.atomic import atomic_path
 
 DIGEST_KEY = "sha256"
-# Metadata outside the digest: the digest itself, and the random state (resuming only).
-_UNSIGNED = (DIGEST_KEY, "state_dict_sha256", "rng")
 
 log = logging.getLogger("kdad")
 
@@ -110,45 +107,49 @@ def read_checkpoint(path: str | Path, allow_unsigned: bool = False) -> dict[str,
         if not allow_unsigned:
             raise KDADError(
                 f"ckpt_path={path}: the checkpoint carries no integrity digest (kdad.{DIGEST_KEY}: "
-                "written by an older kdad, or removed), so changed weights, thresholds or settings "
-                "could not be detected; refused. If you trust the file, pass allow_unsigned=true"
+                "written by an older kdad, or removed), so a changed or corrupted content could "
+                "not be detected; refused. If you trust the file, pass allow_unsigned=true"
             )
         log.warning("ckpt_path=%s: no integrity digest; loaded anyway (allow_unsigned=true)", path)
     elif checkpoint_digest(checkpoint) != expected:
         raise KDADError(
-            f"ckpt_path={path}: its weights, thresholds or settings do not match the digest "
-            "recorded when it was saved (the file was corrupted or modified); refused"
+            f"ckpt_path={path}: its contents (weights, optimiser or training state, thresholds or "
+            "settings) do not match the digest recorded when it was saved (the file was corrupted "
+            "or modified); refused"
         )
     return checkpoint
 
 
-def state_dict_digest(state_dict: Mapping[str, Any]) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of a state dict's tensors, in order."""
-    digest = hashlib.sha256()
-    for key, value in state_dict.items():
-        if not isinstance(value, Tensor):
-            continue
+def _update(digest: Any, value: Any) -> None:
+    """Feed ``value`` (tensors, mappings, sequences, plain data) into ``digest``, canonically:
+    mappings by sorted key, tensors by name of dtype, shape and bytes."""
+    if isinstance(value, Tensor):
         tensor = value.detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(f"T|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         if tensor.numel():
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
-    return digest.hexdigest()
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(plain(value), sort_keys=True, default=repr, allow_nan=True)
+    elif isinstance(value, Mapping):
+        digest.update(f"M{len(value)}|".encode())
+        for key in sorted(value, key=str):
+            digest.update(f"K{key!s}|".encode())
+            _update(digest, value[key])
+    elif isinstance(value, list | tuple):
+        digest.update(f"L{len(value)}|".encode())
+        for item in value:
+            _update(digest, item)
+    else:
+        digest.update(f"V{type(value).__name__}|{value!r}|".encode())
 
 
 def checkpoint_digest(checkpoint: Mapping[str, Any]) -> str:
-    """SHA-256 over what decides a checkpoint's predictions: the weights
-    (:func:`state_dict_digest`), the hyper-parameters (the model's config and the
-    preprocessing it was trained with) and kdad's metadata (model name, thresholds),
-    everything but the digest itself. Optimiser and loop state (resuming only) are not covered."""
-    meta = {k: v for k, v in dict(checkpoint.get("kdad") or {}).items() if k not in _UNSIGNED}
+    """SHA-256 over the whole checkpoint but the digest itself: the weights, the
+    hyper-parameters (the model's config and the preprocessing it was trained with), kdad's
+    metadata (model name, thresholds, random state), and the optimiser, scheduler, loop and
+    callback states a resumed run continues from. Any of them corrupted or changed after
+    saving is found before it is used."""
     digest = hashlib.sha256()
-    digest.update(state_dict_digest(checkpoint["state_dict"]).encode())
-    digest.update(_canonical(dict(checkpoint.get("hyper_parameters") or {})).encode())
-    digest.update(_canonical(meta).encode())
+    kdad = {k: v for k, v in dict(checkpoint.get("kdad") or {}).items() if k != DIGEST_KEY}
+    _update(digest, {**{k: v for k, v in checkpoint.items() if k != "kdad"}, "kdad": kdad})
     return digest.hexdigest()
 
 
@@ -185,6 +186,5 @@ __all__ = [
     "read_checkpoint",
     "resolve_checkpoint_path",
     "sign",
-    "state_dict_digest",
     "write_checkpoint",
 ]

@@ -329,3 +329,26 @@ def test_sigterm_stops_a_multirun_with_its_status_and_a_rerun_completes_it(
     assert "holds an unfinished run; resuming" in proc.stdout + proc.stderr
     status = json.loads((sweep / "sweep_status.json").read_text())
     assert status == {"jobs": 2, "finished": 2, "failed": []}
+
+
+def test_a_corrupted_optimiser_state_is_refused_before_resuming(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    folder = tmp_path / "run"
+    args = [*RESUMABLE, "trainer.max_epochs=2", "test=false", f"hydra.run.dir={folder}"]
+    run_in_process("kdad.cli.train", args, env, tmp_path)
+    last = folder / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    state = checkpoint["optimizer_states"][0]["state"]
+    first = next(iter(state.values()))
+    first["exp_avg"][(0,) * first["exp_avg"].dim()] = float("nan")  # one corrupted number
+    torch.save(checkpoint, last)
+    proc = run_in_process(
+        "kdad.cli.train",
+        [*RESUMABLE, "trainer.max_epochs=3", "ckpt_path=last", f"hydra.run.dir={folder}"],
+        env,
+        tmp_path,
+        expect=2,
+    )
+    assert "do not match the digest recorded when it was saved" in proc.stderr
+    assert "Traceback" not in proc.stderr
