@@ -151,12 +151,13 @@ def test_entry_points_are_thin_and_import_no_other_entry_point() -> None:
 
 # Where a file may be moved into place: the one writer (kdad.io.atomic), and the checkpoint
 # save (Lightning writes the file on rank 0, kdad renames it there). Dataset trees (an extracted
-# archive, generated textures) are built in a temporary folder and renamed into place whole.
+# archive, generated data: kdad.data.generated) are built in a temporary folder and renamed
+# into place whole.
 MOVERS = {
     "kdad/io/atomic.py": {"os.replace", "tempfile.mkstemp"},
     "kdad/lightning/callbacks.py": {"os.replace"},
     "kdad/data/download.py": {"os.rename", "tempfile.mkdtemp"},
-    "kdad/data/synthetic.py": {"os.rename", "tempfile.mkdtemp"},
+    "kdad/data/generated.py": {"os.rename", "tempfile.mkdtemp"},
 }
 
 

@@ -46,7 +46,9 @@ def _payloads(data: bytes):
 
 def read_run(path: str | Path) -> dict[str, Any]:
     """{'id', 'group', 'job_type', 'tags', 'name', 'config': {...}, 'summary': {...},
-    'history': {key: [values]}, 'metrics': {name: summary kinds}, 'artifacts': [...]}."""
+    'history': {key: [values]}, 'metrics': {name: summary kinds}, 'artifacts': [...],
+    'exit_code': the code the run finished with (None: never finished; non-zero: W&B shows
+    it failed), 'deprecated': the deprecated W&B features the run used (telemetry)}."""
     out: dict[str, Any] = {
         "config": {},
         "summary": {},
@@ -58,6 +60,8 @@ def read_run(path: str | Path) -> dict[str, Any]:
         "name": None,
         "metrics": {},
         "artifacts": [],
+        "exit_code": None,
+        "deprecated": [],
     }
     for payload in _payloads(Path(path).read_bytes()):
         record = pb.Record()
@@ -92,6 +96,10 @@ def read_run(path: str | Path) -> dict[str, Any]:
                     "files": [entry.path for entry in record.artifact.manifest.contents],
                 }
             )
+        elif kind == "exit":
+            out["exit_code"] = record.exit.exit_code
+        elif kind == "telemetry":
+            out["deprecated"] += [f.name for f, _ in record.telemetry.deprecated.ListFields()]
         elif kind == "history":
             for item in record.history.item:
                 key = item.key or "/".join(item.nested_key)

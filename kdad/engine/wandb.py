@@ -3,17 +3,22 @@
 - **Names and groups.** A run is named by what distinguishes it from its sweep siblings: its
   Hydra overrides, without paths and settings that do not change the science (see
   :data:`NOISE`), e.g. ``hkt alignment=cross cbam=false seed=1``. Runs are grouped by
-  ``task_name`` (the experiment, e.g. ``hkt_ablation``) with ``job_type`` the command
-  (``train``/``eval``), and every run carries its overrides as ``config.overrides`` and as
-  tags, and its sweep folder as ``config.sweep``, so a dashboard can group or filter by any
-  swept key and by sweep.
+  ``task_name`` (the experiment, e.g. ``hkt_ablation``: every ``conf/experiment`` file sets it)
+  with ``job_type`` the command (``train``/``eval``), and every run carries its overrides as
+  ``config.overrides`` and as tags, and its sweep folder as ``config.sweep``, so a dashboard
+  can group or filter by any swept key and by sweep.
 - **One copy of the config**, flattened (``model.backbone``, ``data.category``, ...), plus the
   parameter counts; Lightning's nested copy is switched off (``save_hyperparameters(logger=False)``).
-- **Summaries that mean something**: ``define_metric`` makes a loss's summary its minimum and a
-  test metric's its maximum; each metrics.json value has one name (``test/<metric>``, the
-  timings under their metrics.json names).
+- **Summaries are plain numbers**, the columns a runs table sorts and plots: each metrics.json
+  value under one name (``test/<metric>``, the timings under their metrics.json names) and
+  each loss's last value; the best of training has its own name (:data:`BEST_OF`:
+  ``val/loss_min``, ``train/loss_epoch_min``), set when the run finishes.
+- **Exit status**: a job that fails finishes its W&B run with its exit code (2 user error,
+  1 crash, 143 SIGTERM: :func:`kdad.engine.hydra.guarded`), which W&B shows as failed.
+- **Quiet**: W&B's own console output (header, history sparklines, sync hints) is off unless
+  ``logger.wandb.quiet=false``; kdad logs one line saying where the run is (:func:`wandb_logger`).
 - **Resuming** keeps the W&B run: its id is kept in the run folder (``wandb_id``) and a resumed
-  run (``ckpt_path=...``) continues it.
+  run (``ckpt_path=...``) continues it. Under a W&B sweep agent the agent's run id is used.
 - **Checkpoints as artifacts** with ``logger.wandb.log_model=true`` (off by default): the
   final checkpoint and the resolved config, once, after training.
 - Without an account runs are written offline under the run folder (``wandb sync`` later).
@@ -62,6 +67,11 @@ NOISE = (
     "task_name",
 )
 MAX_TAG = 64  # W&B's limit on a tag's length
+# The best of training, kept beside the last value: logged key -> (summary kind, own name).
+BEST_OF = {
+    "train/loss_epoch": ("min", "train/loss_epoch_min"),
+    "val/loss": ("min", "val/loss_min"),
+}
 
 
 def _hydra() -> Any | None:
@@ -147,8 +157,9 @@ def sweep_id() -> str | None:
     return None
 
 
-def tags(*values: Any) -> list[str]:
-    """Distinct non-empty tags from values and lists of values, plus this job's overrides."""
+def tags(*values: Any) -> ListConfig:
+    """Distinct non-empty tags from values and lists of values, plus this job's overrides
+    (a ListConfig: a plain list cannot be resolved in place, as ``--cfg job --resolve`` does)."""
     found: list[str] = []
     for value in [*values, overrides()]:
         items = value if isinstance(value, list | tuple | ListConfig) else [value]
@@ -156,22 +167,29 @@ def tags(*values: Any) -> list[str]:
             text = str(item)[:MAX_TAG]
             if item not in (None, "") and text not in found:
                 found.append(text)
-    return found
+    return ListConfig(found)
 
 
-def run_id(output_dir: str, ckpt_path: Any = None) -> str:
+def run_id(output_dir: str | None, ckpt_path: Any = None) -> str | None:
     """The W&B run id of this run folder: the one kept in ``wandb_id`` (this folder's, or the
-    folder of the checkpoint being resumed), else a new one, kept there for a later resume."""
+    folder of the checkpoint being resumed), else a new one, kept there for a later resume.
+    Under a W&B sweep agent, the agent's (W&B ignores any other id there). None before there
+    is a run folder (the config shown by ``--cfg job``)."""
+    agent_id = os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
+    if not output_dir:
+        return agent_id
     folder = Path(output_dir)
-    candidates = [folder / ID_FILE]
-    if ckpt_path not in (None, "", "last"):
-        given = Path(str(ckpt_path)).expanduser()
-        run_folder = given if given.is_dir() else given.parent.parent
-        candidates.append(run_folder / ID_FILE)
-    for path in candidates:
-        if path.is_file() and re.fullmatch(r"[\w-]{1,64}", path.read_text().strip()):
-            return path.read_text().strip()
-    new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    new = agent_id
+    if not new:
+        candidates = [folder / ID_FILE]
+        if ckpt_path not in (None, "", "last"):
+            given = Path(str(ckpt_path)).expanduser()
+            run_folder = given if given.is_dir() else given.parent.parent
+            candidates.append(run_folder / ID_FILE)
+        for path in candidates:
+            if path.is_file() and re.fullmatch(r"[\w-]{1,64}", path.read_text().strip()):
+                return path.read_text().strip()
+        new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:  # DDP: rank 0 logs
         write_text_atomic(folder / ID_FILE, new + "\n")
     return new
@@ -200,6 +218,27 @@ def prepare(cfg: DictConfig, folder: Path) -> None:
         offline_unless_configured(folder)
 
 
+def init_settings(quiet: bool) -> Any:
+    """``wandb.Settings`` for a run of kdad's: with ``quiet``, none of W&B's console output."""
+    import wandb
+
+    return wandb.Settings(silent=bool(quiet))
+
+
+def wandb_logger(quiet: bool, **kwargs: Any) -> Any:
+    """Lightning's ``WandbLogger`` (``logger.wandb``; ``kwargs`` are its arguments and
+    ``wandb.init``'s) with W&B's own console output off when ``quiet``: the run header,
+    history sparklines and sync hints, ~27 lines per job. :func:`start` logs where the run is."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    made = WandbLogger(settings=init_settings(quiet), **kwargs)
+    # Lightning always passes wandb.init(anonymous=None); wandb >= 0.19 warns about any value.
+    init = getattr(made, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        init.pop("anonymous", None)
+    return made
+
+
 def wandb_loggers(loggers: Sequence[Any]) -> list[Any]:
     from lightning.pytorch.loggers import WandbLogger
 
@@ -207,14 +246,42 @@ def wandb_loggers(loggers: Sequence[Any]) -> list[Any]:
 
 
 def start(loggers: Sequence[Any], config: Mapping[str, Any]) -> None:
-    """Log the flattened config once and set each metric's summary (min loss, max metric)."""
+    """Log the flattened config once, keep the best of training (:data:`BEST_OF`) beside
+    each loss's last value, and say where the run is."""
+    from lightning.pytorch.loggers.logger import DummyExperiment
+
     for logger in wandb_loggers(loggers):
         run = logger.experiment
+        if isinstance(run, DummyExperiment):  # DDP: rank 0 logs
+            continue
         run.config.update(dict(config), allow_val_change=True)
-        for name in ("train/loss", "train/loss_step", "train/loss_epoch", "val/loss"):
-            run.define_metric(name, summary="min")
-        for key in METRIC_KEYS:
-            run.define_metric(f"test/{key}", summary="max")
+        for name, (kind, _) in BEST_OF.items():
+            run.define_metric(name, summary=f"{kind},last")
+        if run.offline:
+            log.info(
+                "W&B: run %s offline in %s (wandb sync uploads it)", run.id, run.settings.sync_dir
+            )
+        else:
+            log.info("W&B: run %s at %s", run.id, run.url)
+
+
+def settle_summary(run: Any) -> None:
+    """The summary as dashboards use it: each :data:`BEST_OF` key's last value as a plain
+    number, its best under its own name (``define_metric`` kept them as ``{min, last}``; a
+    resumed run's best also counts what it logged before)."""
+    updates = {}
+    for name, (kind, best_name) in BEST_OF.items():
+        value = run.summary.get(name)
+        if isinstance(value, Mapping) and kind in value:
+            before = run.summary.get(best_name)
+            best = {"min": min, "max": max}[kind]
+            updates[best_name] = (
+                best(value[kind], before) if isinstance(before, int | float) else value[kind]
+            )
+            if "last" in value:
+                updates[name] = value["last"]
+    if updates:
+        run.summary.update(updates)
 
 
 def log_results(loggers: Sequence[Any], results: Mapping[str, Any]) -> None:
@@ -251,8 +318,13 @@ def finish(exit_code: int = 0) -> None:
     if "wandb" in sys.modules:
         import wandb
 
-        if wandb.run is not None:
-            wandb.finish(exit_code=exit_code)
+        run = wandb.run
+        if run is not None:
+            try:
+                settle_summary(run)
+            except Exception as exc:  # the run must still be closed, with its exit code
+                log.warning("W&B: summary not settled: %s", exc)
+            run.finish(exit_code=exit_code)
 
 
 def log_model_requested(cfg: DictConfig) -> bool:
