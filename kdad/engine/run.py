@@ -328,6 +328,7 @@ def evaluate(cfg: DictConfig) -> float | None:
         raise KDADError("kdad-eval needs ckpt_path=PATH (a checkpoint written by kdad-train)")
     validate.resolve(cfg)
     validate.check_numbers(cfg)
+    validate.check_targets(cfg)
     out = kdad_hydra.output_dir()
     module = load_module(
         cfg.ckpt_path, expected_model=cfg.get("model_name"), allow_unsigned=bool(cfg.allow_unsigned)

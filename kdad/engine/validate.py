@@ -82,10 +82,59 @@ def check_numbers(cfg: DictConfig) -> None:
             raise KDADError(f"{key}={value!r}: expected {what}")
 
 
+# What each config group may instantiate (``_target_`` prefixes): a value typed on the command
+# line or in a user's --config-dir cannot make kdad call an arbitrary function. More modules
+# are opted in explicitly with ``allow_targets=[my_package.]``.
+TARGETS = {
+    "model": ("kdad.models.",),
+    "data": ("kdad.data.",),
+    "trainer": ("lightning.pytorch.", "lightning.fabric.", "torch.distributed."),
+    "callbacks": ("kdad.lightning.callbacks.", "lightning.pytorch.callbacks."),
+    "logger": ("lightning.pytorch.loggers.", "kdad.engine.wandb."),
+    "optimizer": ("torch.optim.",),
+    "scheduler": ("torch.optim.lr_scheduler.",),
+}
+
+
+def _targets(node: Any, path: str) -> list[tuple[str, str]]:
+    """(dotted key, value) of every ``_target_`` under ``node``."""
+    found: list[tuple[str, str]] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key == "_target_":
+                found.append((where, str(value)))
+            else:
+                found += _targets(value, where)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found += _targets(value, f"{path}.{index}")
+    return found
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Every ``_target_`` is one its group may instantiate (:data:`TARGETS`), or opted in by
+    ``allow_targets``; checked before anything is instantiated."""
+    extra = cfg.get("allow_targets") or []
+    if isinstance(extra, str) or not all(isinstance(p, str) and p for p in extra):
+        raise KDADError(f"allow_targets={extra!r}: expected a list of module prefixes")
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for where, target in _targets(container, ""):
+        group = where.split(".", 1)[0]
+        allowed = (*TARGETS.get(group, ()), *extra)
+        if not target.startswith(tuple(p if p.endswith(".") else p + "." for p in allowed)):
+            shown = ", ".join(TARGETS.get(group, ())) or "none"
+            raise KDADError(
+                f"{where}={target}: {group} may instantiate only {shown}; to use another "
+                f"module, opt in with allow_targets=[{target.rsplit('.', 1)[0]}]"
+            )
+
+
 def check_train(cfg: DictConfig) -> None:
     """What kdad-train checks before loading any data."""
     resolve(cfg)
     check_numbers(cfg)
+    check_targets(cfg)
     for key, valid in (("test_ckpt", ("last", "best")), ("resume", ("auto", "never"))):
         if cfg.get(key) not in valid:
             raise KDADError(f"{key}={cfg.get(key)!r}: expected {' or '.join(valid)}")

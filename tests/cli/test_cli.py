@@ -17,6 +17,7 @@ import torch
 from clirun import DATA, TINY, run, run_in_process
 from wandb_reader import find_run_files, read_run
 
+from kdad.errors import KDADError
 from kdad.io.results import RESULT_KEYS
 
 
@@ -232,3 +233,47 @@ def test_a_group_whose_extra_is_missing_names_the_extra(monkeypatch) -> None:
         message = kdad_hydra.missing_extra(["model=rd", argument])
         assert message == f"{argument} needs the optional extra: pip install 'kdad[{extra}]'"
     assert kdad_hydra.missing_extra(["logger=csv", "launcher=null", "model=rd"]) is None
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (
+            ["optimizer._target_=shutil.copyfile", "+optimizer.src=a.txt", "+optimizer.dst=b.txt"],
+            "optimizer._target_=shutil.copyfile: optimizer may instantiate only torch.optim.",
+        ),
+        (["+callbacks.evil._target_=os.system"], "callbacks.evil._target_=os.system"),
+        (["+evil._target_=builtins.exec"], "evil may instantiate only none"),
+        (["logger.csv._target_=subprocess.run"], "logger.csv._target_=subprocess.run"),
+    ],
+)
+def test_targets_outside_their_group_are_refused_before_anything_runs(
+    args: list[str], words: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    (tmp_path / "a.txt").write_text("x")
+    proc = run_in_process(
+        "kdad.cli.train",
+        [*TINY, "logger=csv", *args, f"hydra.run.dir={tmp_path / 'r'}"],
+        env,
+        tmp_path,
+        expect=2,
+    )
+    assert words in proc.stderr and "allow_targets=[" in proc.stderr
+    assert not (tmp_path / "b.txt").exists() and not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_allow_targets_opts_a_module_in(env: dict[str, str], tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from kdad.engine import validate
+
+    cfg = OmegaConf.create(
+        {"optimizer": {"_target_": "my_package.optim.Lion"}, "allow_targets": []}
+    )
+    with pytest.raises(KDADError, match=r"allow_targets=\[my_package.optim\]"):
+        validate.check_targets(cfg)
+    cfg.allow_targets = ["my_package"]
+    validate.check_targets(cfg)  # opted in
+    cfg.optimizer._target_ = "torch.optim.AdamW"
+    cfg.allow_targets = []
+    validate.check_targets(cfg)
