@@ -25,20 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdad.engine import wandb as kdad_wandb
 from kdad.errors import Interrupted, KDADError, one_line
+from kdad.io import run_folder
 from kdad.io.atomic import write_text_atomic
 
 log = logging.getLogger("kdad")
 
 FAILED: list[str] = []
-# The run-folder marks of a job that did not finish: its one-line reason.
-MARKS = ("FAILED", "INTERRUPTED")
-
-
-def clear_marks(folder: Path) -> None:
-    """Remove the marks of an earlier attempt: this one is running now."""
-    for mark in MARKS:
-        with contextlib.suppress(FileNotFoundError):
-            (folder / mark).unlink()
 
 
 def _gpu_slot(num_gpus: int = 1) -> int:
@@ -100,7 +92,7 @@ def output_dir() -> Path:
 def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Run ``task``; turn a user error into one line, a FAILED file and a later exit code 2."""
 
-    def wrapper(cfg: DictConfig) -> Any:
+    def run(cfg: DictConfig) -> Any:
         try:
             result = task(cfg)
         except Interrupted as exc:
@@ -108,7 +100,7 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             message = one_line(exc)
             print(f"kdad: interrupted: {message}", file=sys.stderr, flush=True)
             with contextlib.suppress(OSError):
-                write_text_atomic(output_dir() / "INTERRUPTED", message + "\n")
+                write_text_atomic(output_dir() / run_folder.INTERRUPTED, message + "\n")
             if is_multirun():  # the process is being stopped: start no further job
                 with contextlib.suppress(Exception):
                     write_sweep_status(Path(HydraConfig.get().sweep.dir))
@@ -129,9 +121,15 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             return result
         print(f"kdad: error: {message}", file=sys.stderr, flush=True)
         with contextlib.suppress(OSError):
-            write_text_atomic(output_dir() / "FAILED", message + "\n")
+            write_text_atomic(output_dir() / run_folder.FAILED, message + "\n")
         FAILED.append(message)
         return float("nan")
+
+    def wrapper(cfg: DictConfig) -> Any:
+        try:
+            return run(cfg)
+        finally:
+            run_folder.unlock(output_dir())  # the folder's lock ends with the job
 
     wrapper.__name__ = getattr(task, "__name__", "task")
     return wrapper

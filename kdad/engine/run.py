@@ -25,6 +25,7 @@ from kdad.engine import hydra as kdad_hydra
 from kdad.engine import validate
 from kdad.engine import wandb as kdad_wandb
 from kdad.errors import Interrupted, KDADError
+from kdad.io import run_folder
 from kdad.io.atomic import write_json_atomic, write_text_atomic
 from kdad.io.checkpoint import checkpoint_model_name, read_checkpoint, write_checkpoint
 from kdad.io.results import build_results
@@ -197,6 +198,7 @@ def train(cfg: DictConfig) -> float | None:
     """Fit, test and write metrics.json; return ``cfg.optimized_metric`` for sweepers."""
     validate.check_train(cfg)  # config mistakes before any work
     out = kdad_hydra.output_dir()
+    run_folder.lock(out)  # one run per folder
     state, found = _previous(cfg, out)
     if state == "finished":
         log.info(
@@ -229,7 +231,7 @@ def train(cfg: DictConfig) -> float | None:
     ):
         cfg.callbacks.model_checkpoint.monitor = None  # nothing to monitor without validation
 
-    kdad_hydra.clear_marks(out)  # a FAILED/INTERRUPTED of an earlier attempt is history now
+    run_folder.clear_marks(out)  # a FAILED/INTERRUPTED of an earlier attempt is history now
     module = validate.built(f"model={cfg.model_name}", lambda: build_module(cfg))
     validate.check_input_size(
         module.net,
@@ -330,6 +332,7 @@ def evaluate(cfg: DictConfig) -> float | None:
     validate.check_numbers(cfg)
     validate.check_targets(cfg)
     out = kdad_hydra.output_dir()
+    run_folder.lock(out)  # one run per folder
     module = load_module(
         cfg.ckpt_path, expected_model=cfg.get("model_name"), allow_unsigned=bool(cfg.allow_unsigned)
     )

@@ -352,3 +352,25 @@ def test_a_corrupted_optimiser_state_is_refused_before_resuming(
     )
     assert "do not match the digest recorded when it was saved" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_second_run_into_a_folder_in_use_refuses_and_a_killed_run_leaves_it_free(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    folder = tmp_path / "run"
+    args = [*RESUMABLE, "trainer.max_epochs=4", f"hydra.run.dir={folder}"]
+    first = _start(args, env, tmp_path)
+    _kill_when_ready = (folder / "checkpoints" / "last.ckpt").is_file
+    start = time.monotonic()
+    while not _kill_when_ready():
+        assert first.poll() is None, first.stderr.read()[-2000:]
+        assert time.monotonic() - start < 300
+        time.sleep(0.05)
+    second = run_in_process("kdad.cli.train", args, env, tmp_path, expect=2)
+    assert f"run folder {folder} is in use by another kdad run (process {first.pid})" in (
+        second.stderr
+    )
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    again = run_in_process("kdad.cli.train", args, env, tmp_path)  # the lock died with it
+    assert "resuming" in again.stdout + again.stderr and (folder / "metrics.json").is_file()
