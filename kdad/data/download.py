@@ -1,8 +1,8 @@
 """``kdad-download data=mvtec|btad [data.root=PATH]``: fetch, verify and extract a dataset.
 
     kdad-download data=mvtec data.root=/data/mvtec_ad
-    kdad-download data=btad archive=~/Downloads/btad.zip     # a copy you already have
-    kdad-train data=mvtec +data.download=true ...            # the same, before training
+    kdad-download data=btad archive=$HOME/Downloads/btad.zip # a copy you already have
+    kdad-train data=mvtec data.category=bottle data.download=true   # the same, before training
 
 The official archives, their SHA-256 checksums and their layouts are in conf/download.yaml
 (``datasets.<layout>``). What it guarantees:

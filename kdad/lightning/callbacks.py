@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from weakref import proxy
@@ -24,6 +25,7 @@ from PIL import Image
 from kdad.io.atomic import write_csv_atomic, write_npz_atomic, write_png_atomic, write_text_atomic
 from kdad.metrics import thresholds
 from kdad.viz.overlay import heatmap_panel
+from kdad.viz.plots import FIGURE_FORMATS, check_formats, plot_curves
 
 log = logging.getLogger("kdad")
 
@@ -214,12 +216,13 @@ class ThresholdFitter(L.Callback):
 
 
 class HeatmapWriter(L.Callback):
-    """Saves ``num_images`` test samples as PNG panels (input | ground truth | heatmap).
+    """Saves ``num_images`` test samples as PNG panels (input | ground truth | heatmap | colour
+    bar).
 
     Half are anomalous, taken in turn from each defect type, half normal; all panels share one
-    colour scale (min and max over the chosen maps), so a normal image looks calm next to a
-    defect instead of being stretched to full red. Files go to ``dirpath`` and, with a W&B
-    logger, to the run as ``test/heatmaps``.
+    colour scale (min and max over the chosen maps, written at the ends of the colour bar), so
+    a normal image looks calm next to a defect instead of being stretched to full red. Files
+    go to ``dirpath`` and, with a W&B logger, to the run as ``test/heatmaps``.
     """
 
     def __init__(self, dirpath: str, num_images: int = 16) -> None:
@@ -394,21 +397,27 @@ class CurveWriter(L.Callback):
     """Saves the image/pixel ROC curves and the PRO curve of a test run.
 
     Writes ``curves.json`` (each curve downsampled to at most 2000 points, from the exact
-    curves of the test metrics, gathered over all processes) and ``curves.png``; with a W&B
-    logger each curve is a line plot backed by a table (``test/curves/image_roc``,
-    ``test/curves/pixel_roc``, ``test/curves/pixel_pro``), so runs can be overlaid in a
-    dashboard, and the PNG is logged as ``test/curves_png``.
+    curves of the test metrics, gathered over all processes) and the figure ``curves.png``
+    (and ``curves.pdf``; ``formats`` picks among png, pdf, svg) with each curve's exact area
+    (AUROC, AUPRO) in its legend; with a W&B logger each curve is a line plot backed by a
+    table (``test/curves/image_roc``, ``test/curves/pixel_roc``, ``test/curves/pixel_pro``),
+    so runs can be overlaid in a dashboard, and the PNG is logged as ``test/curves_png``.
     """
 
-    def __init__(self, dirpath: str, points: int = 2000) -> None:
+    def __init__(
+        self, dirpath: str, points: int = 2000, formats: Sequence[str] | None = None
+    ) -> None:
         self.dirpath = Path(dirpath)
         self.points = int(points)
+        self.formats = check_formats(FIGURE_FORMATS if formats is None else list(formats))
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from kdad.metrics.anomaly import downsample_curve
 
         metrics = getattr(pl_module, "test_metrics", {})
         curves: dict[str, dict[str, list[float]]] = {}
+        areas: dict[str, float] = {}
+        fpr_limit = None
         for name, axes in (
             ("image_auroc", ("fpr", "tpr")),
             ("pixel_auroc", ("fpr", "tpr")),
@@ -422,16 +431,22 @@ class CurveWriter(L.Callback):
                     axes[0]: x,
                     axes[1]: y,
                 }
+                # The exact area for the legend (every process takes part, as in curve());
+                # torchmetrics caches it, so the module's own compute() costs nothing more.
+                areas[name] = float(metric.compute())
+                fpr_limit = getattr(metric, "fpr_limit", fpr_limit)
         if not curves or not trainer.is_global_zero:
             return
-        from kdad.viz.plots import plot_curves
-
         write_text_atomic(self.dirpath / "curves.json", json.dumps(curves) + "\n")
+        model_name = str(getattr(pl_module.hparams, "model_name", ""))
         png = plot_curves(
-            curves,
-            self.dirpath / "curves.png",
-            title=str(getattr(pl_module.hparams, "model_name", "")),
-        )
+            {model_name: curves},
+            self.dirpath / "curves",
+            title=model_name,
+            areas={model_name: areas},
+            fpr_limit=fpr_limit,
+            formats=self.formats,
+        )[0]
         loggers = _wandb_loggers(trainer)
         if not loggers:
             return
@@ -449,4 +464,5 @@ class CurveWriter(L.Callback):
                     table, x_name, y_name, title=f"{name.replace('_', ' ')}"
                 )
             logger.experiment.log(plots)
-            logger.log_image(key="test/curves_png", images=[str(png)])
+            if png.suffix == ".png":  # W&B shows raster images only
+                logger.log_image(key="test/curves_png", images=[str(png)])

@@ -21,13 +21,29 @@ def colorize(heat: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     return (colormaps["jet"](scaled)[..., :3] * 255).astype(np.uint8)
 
 
+def colour_bar(height: int, vmin: float, vmax: float, width: int = 10) -> np.ndarray:
+    """A vertical jet colour bar of ``height`` pixels (top: ``vmax``) with both ends written
+    beside it, as (height, W, 3) uint8 on black: the scale of :func:`colorize`."""
+    top, bottom = f"{vmax:.3g}", f"{vmin:.3g}"
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_width = int(max(draw.textlength(top), draw.textlength(bottom))) + 4
+    strip = Image.new("RGB", (width + 3 + text_width, height), (0, 0, 0))
+    gradient = colorize(np.linspace(vmax, vmin, height)[:, None].repeat(width, 1), vmin, vmax)
+    strip.paste(Image.fromarray(gradient), (2, 0))
+    writer = ImageDraw.Draw(strip)
+    writer.text((width + 4, 0), top, fill=(255, 255, 255))
+    writer.text((width + 4, max(0, height - 11)), bottom, fill=(255, 255, 255))
+    return np.asarray(strip)
+
+
 def heatmap_panel(
     image: np.ndarray, mask: np.ndarray, heat: np.ndarray, vmin: float, vmax: float
 ) -> np.ndarray:
-    """Input | ground truth | heatmap over the input, side by side (uint8 HxWx3 each)."""
+    """Input | ground truth | heatmap over the input | colour bar of [vmin, vmax] (uint8 HxWx3)."""
     gt = np.repeat((mask > 0.5).astype(np.uint8)[..., None] * 255, 3, axis=2)
     overlay = (0.5 * image.astype(np.float32) + 0.5 * colorize(heat, vmin, vmax)).astype(np.uint8)
-    return np.concatenate([image, gt, overlay], axis=1)
+    bar = colour_bar(image.shape[0], vmin, vmax)
+    return np.concatenate([image, gt, overlay, bar], axis=1)
 
 
 def contour(mask: np.ndarray, width: int = 1) -> np.ndarray:

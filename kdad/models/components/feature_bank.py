@@ -268,7 +268,7 @@ def _positions(maps: Tensor) -> Tensor:
 
 def _maps(rows: Tensor, h: int, w: int) -> Tensor:
     """(B, H*W, C) -> (B, C, H, W), a view in channels-last memory (inverse of :func:`_positions`)."""
-    return rows.view(rows.shape[0], h, w, rows.shape[2]).permute(0, 3, 1, 2)
+    return rows.view(-1, h, w, rows.shape[2]).permute(0, 3, 1, 2)  # -1: a dynamic batch
 
 
 def select_bank_images(num_images: int, size: int, seed: int) -> list[int]:
