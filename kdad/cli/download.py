@@ -8,10 +8,9 @@ kdad-train data=mvtec data.download=true   # the same, before training
 as above, without ``+`` (Hydra refuses to add a key that exists).
 """
 
-from kdad.data.download import download
 from kdad.engine.hydra import entry_point
 
-main = entry_point(download, "download", __spec__.name)
+main = entry_point("kdad.data.download:download", "download", __spec__.name)
 
 if __name__ == "__main__":
     main()

@@ -7,9 +7,8 @@ be a kdad-train run folder). Naming a model (``model=rd``) checks that the check
 """
 
 from kdad.engine.hydra import entry_point
-from kdad.engine.run import evaluate
 
-main = entry_point(evaluate, "eval", __spec__.name)
+main = entry_point("kdad.engine.run:evaluate", "eval", __spec__.name)
 
 if __name__ == "__main__":
     main()

@@ -5,9 +5,8 @@ kdad-export ckpt_path=logs/train/runs/<run> format=onnx preprocess=uint8_hwc   #
 """
 
 from kdad.engine.hydra import entry_point
-from kdad.inference.export import export
 
-main = entry_point(export, "export", __spec__.name)
+main = entry_point("kdad.inference.export:export", "export", __spec__.name)
 
 if __name__ == "__main__":
     main()

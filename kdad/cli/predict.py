@@ -5,9 +5,8 @@ kdad-predict ckpt_path=logs/train/runs/<run> input='/line7/*/cam2_*.png' device=
 """
 
 from kdad.engine.hydra import entry_point
-from kdad.inference.predict import predict
 
-main = entry_point(predict, "predict", __spec__.name)
+main = entry_point("kdad.inference.predict:predict", "predict", __spec__.name)
 
 if __name__ == "__main__":
     main()

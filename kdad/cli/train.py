@@ -7,9 +7,8 @@ kdad-train ckpt_path=last hydra.run.dir=logs/train/runs/<run>   # resume a kille
 """
 
 from kdad.engine.hydra import entry_point
-from kdad.engine.run import train
 
-main = entry_point(train, "train", __spec__.name)
+main = entry_point("kdad.engine.run:train", "train", __spec__.name)
 
 if __name__ == "__main__":
     main()

@@ -254,18 +254,36 @@ def missing_extra(arguments: list[str]) -> str | None:
     return None
 
 
+def _deferred(path: str) -> Callable[[DictConfig], Any]:
+    """The function ``"package.module:name"``, imported on its first call."""
+    import importlib
+
+    module_name, _, name = path.partition(":")
+
+    def call(cfg: DictConfig) -> Any:
+        return getattr(importlib.import_module(module_name), name)(cfg)
+
+    call.__name__ = name
+    return call
+
+
 def entry_point(
-    task: Callable[[DictConfig], Any], config_name: str, module: str
+    task: str | Callable[[DictConfig], Any], config_name: str, module: str
 ) -> Callable[[], None]:
     """A command's ``main``: compose ``config_name`` (the shipped conf/ and any user config
     folder), run ``task`` under :func:`guarded`, exit 2 if any job failed. ``module`` is the
-    command's module (its ``__spec__.name``), from which Hydra names the job (``train``, ...)."""
+    command's module (its ``__spec__.name``), from which Hydra names the job (``train``, ...).
+
+    ``task`` may be given as ``"package.module:function"``: it is imported when a job runs, so
+    that ``--help``, ``--cfg``, ``--version`` and shell completion (a TAB) do not wait for
+    Lightning and torch to import."""
     import hydra
 
     from kdad.config import CONFIG_DIR
 
     register_resolvers()
-
+    if isinstance(task, str):
+        task = _deferred(task)
     job = guarded(task)  # a new function: naming its module does not touch ``task``
     job.__module__ = module
     composed = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(job)
