@@ -36,6 +36,35 @@ def write_png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path, compress_level=1)
 
 
+def write_mvtec_tree(
+    folder: Path,
+    params: dict,
+    defect_types: tuple[str, ...],
+    render: Callable[[str, int, str | None], tuple[np.ndarray, np.ndarray]],
+    write: Callable[[Path, np.ndarray], None] = write_png,
+) -> None:
+    """Write one category's MVTec-layout tree into ``folder``: ``num_train`` normal training
+    images, ``num_test_good`` normal and ``num_test_per_defect`` images of each defect type
+    for testing, each defect with its ``<stem>_mask.png``. ``render(split_name, index,
+    defect)`` returns (uint8 image, bool mask); ``write`` writes one PNG."""
+    jobs = [("train", "good", None, params["num_train"])]
+    jobs.append(("test", "good", None, params["num_test_good"]))
+    jobs += [("test", d, d, params["num_test_per_defect"]) for d in defect_types]
+    for split, name, defect, count in jobs:
+        out = folder / split / name
+        out.mkdir(parents=True)
+        if defect is not None:
+            (folder / "ground_truth" / name).mkdir(parents=True)
+        for i in range(count):
+            image, mask = render(f"{split}_{name}", i, defect)
+            write(out / f"{i:03d}.png", image)
+            if defect is not None:
+                write(
+                    folder / "ground_truth" / name / f"{i:03d}_mask.png",
+                    mask.astype(np.uint8) * 255,
+                )
+
+
 def check_params(what: str, params: dict, defaults: dict, minimum: dict) -> dict:
     """``params`` over ``defaults``; unknown keys and non-integers below ``minimum`` are errors."""
     unknown = sorted(set(params) - set(defaults))
@@ -118,4 +147,4 @@ def publish(tmp: Path, target: Path, marker: dict, marker_name: str = MARKER) ->
         shutil.rmtree(trash, ignore_errors=True)
 
 
-__all__ = ["MARKER", "check_params", "ensure_tree", "stable_rng", "write_png"]
+__all__ = ["MARKER", "check_params", "ensure_tree", "stable_rng", "write_mvtec_tree", "write_png"]

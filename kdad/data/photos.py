@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kdad.data.generated import check_params, ensure_tree, stable_rng, write_png
+from kdad.data.generated import check_params, ensure_tree, stable_rng, write_mvtec_tree
 from kdad.errors import KDADError
 
 GENERATOR_VERSION = 1  # bump when the images change, so old caches are not reused
@@ -402,23 +402,14 @@ def render_photo(
 
 def _generate(folder: Path, category: str, params: dict) -> None:
     """Write the whole MVTec-layout tree of one category into ``folder``."""
-    res, seed = params["resolution"], params["seed"]
-    jobs = [("train", "good", None, params["num_train"])]
-    jobs.append(("test", "good", None, params["num_test_good"]))
-    jobs += [("test", d, d, params["num_test_per_defect"]) for d in DEFECT_TYPES]
-    for split, name, defect, count in jobs:
-        out = folder / split / name
-        out.mkdir(parents=True)
-        if defect is not None:
-            (folder / "ground_truth" / name).mkdir(parents=True)
-        for i in range(count):
-            image, mask, _ = render_photo(category, f"{split}_{name}", i, defect, res, seed)
-            write_png(out / f"{i:03d}.png", image)
-            if defect is not None:
-                write_png(
-                    folder / "ground_truth" / name / f"{i:03d}_mask.png",
-                    mask.astype(np.uint8) * 255,
-                )
+
+    def render(split: str, index: int, defect: str | None) -> tuple[np.ndarray, np.ndarray]:
+        image, mask, _ = render_photo(
+            category, split, index, defect, params["resolution"], params["seed"]
+        )
+        return image, mask
+
+    write_mvtec_tree(folder, params, DEFECT_TYPES, render)
 
 
 def ensure_photos(root: str | Path, category: str, **params: int) -> Path:
