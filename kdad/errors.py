@@ -2,11 +2,15 @@
 
 A :class:`KDADError` is a mistake the user can fix (a wrong path, an unknown category, a
 checkpoint of another variant). The command-line entry points print its message as one line
-and exit with status 2, without a Python traceback. Anything else is a bug and keeps its
+and exit with status 2, without a Python traceback; so do a write that finds the disk or the
+quota full (:func:`disk_full`) and a mistake Hydra finds while composing the config
+(:func:`kdad.engine.hydra.config_error_message`). Anything else is a bug and keeps its
 traceback.
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class KDADError(Exception):
@@ -40,3 +44,26 @@ def one_line(exc: BaseException) -> str:
     marker = "KDADError: "
     index = text.rfind(marker)
     return text[index + len(marker) :] if index >= 0 else text
+
+
+# Writes that fail because the disk, or the user's quota on it, is full: the user can fix that.
+DISK_FULL = {errno.ENOSPC: "no space left on the device"}
+if hasattr(errno, "EDQUOT"):  # not on Windows
+    DISK_FULL[errno.EDQUOT] = "disk quota exceeded"
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """The user-facing line if ``exc`` is (or was caused by) a write that found the disk or
+    the quota full, naming the file being written; None for any other error."""
+    seen: BaseException | None = exc
+    visited: set[int] = set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL:
+            where = f"writing {seen.filename}" if seen.filename else "writing a file"
+            return (
+                f"{DISK_FULL[seen.errno]} while {where}: free some space (or write the run "
+                "elsewhere, hydra.run.dir=...) and run the command again"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -3,7 +3,9 @@
 User errors (:class:`kdad.errors.KDADError`) never show a traceback: the job prints one line
 ``kdad: error: ...`` to stderr, leaves a ``FAILED`` file with that line in its run folder (so a
 sweep's folder says which jobs failed and why), and the command exits with status 2 once all
-jobs have run. One failing job of a multirun does not stop the others.
+jobs have run. One failing job of a multirun does not stop the others. Mistakes Hydra finds
+before any job runs (an unknown option or key, a malformed override, a YAML syntax error) are
+one line and exit status 2 as well (:func:`config_errors_in_one_line`).
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kdad.engine import wandb as kdad_wandb
-from kdad.errors import Interrupted, KDADError, one_line
+from kdad.errors import Interrupted, KDADError, disk_full, one_line
 from kdad.io import run_folder
 from kdad.io.atomic import write_text_atomic
 
@@ -135,8 +138,12 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     return wrapper
 
 
+_JOB_CODE = guarded(print).__code__  # the code every guarded task runs in
+
+
 def user_error_message(exc: BaseException) -> str | None:
-    """The one-line message if ``exc`` is (or wraps) a :class:`KDADError`, else None.
+    """The one-line message if ``exc`` is (or wraps) a :class:`KDADError` or a write that
+    found the disk full, else None.
 
     Hydra's ``instantiate`` chains our error as the cause of its own; DataLoader workers and
     some libraries re-raise it as a new exception whose text holds the original.
@@ -147,7 +154,103 @@ def user_error_message(exc: BaseException) -> str | None:
             return one_line(seen)
         seen = seen.__cause__ or seen.__context__
     text = f"{type(exc).__name__}: {exc}"
-    return one_line(exc) if "KDADError" in text else None
+    return one_line(exc) if "KDADError" in text else disk_full(exc)
+
+
+def _hydra_text(text: str) -> str:
+    """Hydra's multi-line message as one line: indented option lists joined by commas, the
+    config search path and the pointer to HYDRA_FULL_ERROR left out."""
+    lines: list[str] = []
+    for raw in text.split("Config search path:")[0].splitlines():
+        line = raw.strip()
+        if not line or line.startswith("Set the environment variable HYDRA_FULL_ERROR"):
+            continue
+        if raw.startswith(("\t", "  ")) and lines and not lines[-1].endswith(":"):
+            lines[-1] += f", {line}"
+        elif lines and not lines[-1].endswith((".", ":")):
+            lines[-1] += f"; {line}"
+        else:
+            lines.append(line)
+    return " ".join(lines)
+
+
+def _unknown_key(exc: BaseException) -> str | None:
+    """``data.nosuchkey=1`` (a key the config does not have): name it, the closest keys and
+    the ``+`` that adds a new one."""
+    import difflib
+
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = exc.__cause__
+    if not isinstance(cause, ConfigAttributeError | ConfigKeyError) or not cause.full_key:
+        return None
+    parent = cause.parent_node
+    keys = [str(k) for k in parent if not str(k).startswith("_")] if parent is not None else []
+    group, _, key = str(cause.full_key).rpartition(".")
+    where = group or "the config"
+    close = difflib.get_close_matches(key, keys, n=1)
+    hint = f"did you mean {group + '.' if group else ''}{close[0]}? " if close else ""
+    shown = ", ".join(keys[:40]) + (", ..." if len(keys) > 40 else "")
+    return (
+        f"{cause.full_key}: {where} has no key {key!r} ({hint}its keys: {shown}); to add a new "
+        f"key, prefix it with +: +{cause.full_key}=..."
+    )
+
+
+def config_error_message(exc: BaseException) -> str | None:
+    """The one line for a mistake Hydra or OmegaConf found in the command line or a config
+    file while composing, before any job runs (an unknown option or key, a malformed override,
+    a YAML syntax error, a run folder that cannot be made), or None for anything else."""
+    import yaml
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    seen: BaseException | None = exc
+    while seen is not None:  # a YAML syntax error, wrapped or not: the file, line and column
+        if isinstance(seen, yaml.MarkedYAMLError) and seen.problem_mark is not None:
+            mark = seen.problem_mark
+            context = (
+                f" ({seen.context}, line {seen.context_mark.line + 1})"
+                if (seen.context and seen.context_mark is not None)
+                else ""
+            )
+            return (
+                f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: invalid YAML: "
+                f"{seen.problem}{context}"
+            )
+        seen = seen.__cause__ or seen.__context__
+    message = user_error_message(exc)
+    if message is not None:
+        return message
+    if isinstance(exc, OverrideParseException):
+        override = exc.override or "an empty argument"
+        reason = exc.message.splitlines()[0] if exc.message else "cannot be parsed"
+        return (
+            f"{override}: not a valid override ({reason}); the syntax: "
+            "https://hydra.cc/docs/advanced/override_grammar/basic/"
+        )
+    if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
+        group, _, name = str(exc.missing_cfg_file).rpartition("/")
+        return f"{group}={name}: no such option; available: {', '.join(exc.options)}"
+    if isinstance(exc, HydraException):
+        unknown = _unknown_key(exc)
+        if unknown is not None:
+            return unknown
+        text = _hydra_text(str(exc))
+        if isinstance(exc.__cause__, OmegaConfBaseException):
+            text += f" ({_hydra_text((str(exc.__cause__).splitlines() or [''])[0])})"
+        return text or type(exc).__name__
+    if isinstance(exc, OmegaConfBaseException):
+        key = getattr(exc, "full_key", None)
+        return (
+            f"config{f' key {key}' if key else ''}: {_hydra_text(str(exc).split('full_key:')[0])}"
+        )
+    if isinstance(exc, OSError) and exc.filename:
+        folder = ""
+        if isinstance(exc, FileExistsError | NotADirectoryError):
+            folder = "; the run folder (hydra.run.dir, hydra.sweep.dir with -m) must be a folder"
+        return f"cannot create or write {exc.filename}: {exc.strerror}{folder}"
+    return None
 
 
 def exit_if_failed() -> None:
@@ -298,7 +401,54 @@ def entry_point(
         if message is not None:
             print(f"kdad: error: {message}", file=sys.stderr)
             sys.exit(2)
-        composed()
+        with config_errors_in_one_line():
+            composed()
         exit_if_failed()
 
     return main
+
+
+def _from_a_job(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of a job (a task run by :func:`guarded`): a bug, whose
+    traceback Hydra prints as usual."""
+    return any(frame.f_code is _JOB_CODE for frame, _ in traceback.walk_tb(exc.__traceback__))
+
+
+@contextlib.contextmanager
+def config_errors_in_one_line() -> Iterator[None]:
+    """While Hydra runs a command: a mistake it finds before any job runs (composing the
+    config, making the run folder) is one line ``kdad: error: ...`` and exit status 2, as
+    kdad's own errors are, instead of Hydra's multi-line report (exit status 1).
+
+    Hydra prints such errors itself, inside ``hydra.main``, from every step it runs through
+    ``hydra._internal.utils.run_and_report``: that function is wrapped for the duration.
+    ``HYDRA_FULL_ERROR=1`` keeps Hydra's full traceback; errors out of a job are Hydra's too.
+    """
+    from hydra._internal import utils as hydra_utils
+
+    report = getattr(hydra_utils, "run_and_report", None)
+    if report is None:  # another Hydra: its own reports (tests/cli/test_errors.py would say)
+        yield
+        return
+
+    def one_line_first(func: Callable[[], Any]) -> Any:
+        def step() -> Any:
+            try:
+                return func()
+            except Exception as exc:
+                message = None
+                if os.environ.get("HYDRA_FULL_ERROR") != "1" and not _from_a_job(exc):
+                    with contextlib.suppress(Exception):  # if in doubt, Hydra's own report
+                        message = config_error_message(exc)
+                if message is None:
+                    raise
+                print(f"kdad: error: {message}", file=sys.stderr, flush=True)
+                sys.exit(2)
+
+        return report(step)
+
+    hydra_utils.run_and_report = one_line_first
+    try:
+        yield
+    finally:
+        hydra_utils.run_and_report = report

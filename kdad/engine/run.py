@@ -150,14 +150,47 @@ def resume_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
             " (pass hydra.run.dir=<the run folder> with ckpt_path=last)" if given == "last" else ""
         )
         raise KDADError(f"ckpt_path={given}: no checkpoint at {path}{hint}")
-    name = checkpoint_model_name(read_checkpoint(path, allow_unsigned=bool(cfg.allow_unsigned)))
+    checkpoint = read_checkpoint(path, allow_unsigned=bool(cfg.allow_unsigned))
+    name = checkpoint_model_name(checkpoint)
     if name != str(cfg.model_name):
         raise KDADError(
             f"ckpt_path={given} holds a model={name} checkpoint, but this run trains model={cfg.model_name}; "
             f"pass model={name} to resume it"
         )
+    changed = _model_changes(checkpoint, cfg)
+    if changed:
+        trained = [f"{key}={_typed(old)}" for key, old, _ in changed]
+        now = ", ".join(f"{key}={_typed(new)}" for key, _, new in changed)
+        raise KDADError(
+            f"ckpt_path={given} was trained with {', '.join(trained)}, but this run has {now}: "
+            f"resuming needs the checkpoint's model (pass {' '.join(trained)}), or train a new "
+            "run (another hydra.run.dir, without ckpt_path)"
+        )
     log.info("resuming from %s", path)
     return str(path)
+
+
+# Model keys that only choose the initial weights, which resuming replaces.
+RESUME_FREE_KEYS = ("model.pretrained", "model.weights_path")
+
+
+def _typed(value: Any) -> str:
+    """``value`` as typed on the command line."""
+    if isinstance(value, list):
+        return f"[{','.join(_typed(v) for v in value)}]"
+    return json.dumps(value) if value is None or isinstance(value, bool) else str(value)
+
+
+def _model_changes(checkpoint: dict[str, Any], cfg: DictConfig) -> list[tuple[str, Any, Any]]:
+    """(key, trained value, this run's value) for each model key the run changes from the
+    checkpoint's (keys only one of them has are skipped: another kdad version)."""
+    trained = flatten((checkpoint.get("hyper_parameters") or {}).get("model") or {}, "model")
+    given = flatten(cfg.get("model") or {}, "model")
+    return [
+        (key, trained[key], given[key])
+        for key in given
+        if key in trained and key not in RESUME_FREE_KEYS and trained[key] != given[key]
+    ]
 
 
 def _thresholds_for_best(
@@ -211,6 +244,8 @@ def train(cfg: DictConfig) -> float | None:
         log.info("resume=auto: %s holds an unfinished run; resuming from %s", out, found)
         with open_dict(cfg):
             cfg.ckpt_path = str(found)
+    ckpt_dir = out / "checkpoints"
+    resume = resume_path(cfg, ckpt_dir)  # a checkpoint that does not fit, before any work
     write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(int(cfg.seed), workers=True)
     kdad_wandb.prepare(cfg, out)
@@ -240,7 +275,6 @@ def train(cfg: DictConfig) -> float | None:
     )
     kdad_hydra.prepare_ddp_relaunch()
     speed = SpeedMonitor()
-    ckpt_dir = out / "checkpoints"
     saver = SaveOnInterrupt(ckpt_dir / "last.ckpt")
     # Without validation images, tell Lightning so instead of letting it warn about an empty loader.
     trainer = validate.built(
@@ -256,9 +290,7 @@ def train(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
-        trainer.fit(
-            module, datamodule=datamodule, ckpt_path=resume_path(cfg, ckpt_dir), weights_only=True
-        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     except SIGTERMException:
         kept = "checkpoints/last.ckpt saved" if saver.saved else "no checkpoint could be saved"
         raise Interrupted(
@@ -336,7 +368,17 @@ def evaluate(cfg: DictConfig) -> float | None:
     module = load_module(
         cfg.ckpt_path, expected_model=cfg.get("model_name"), allow_unsigned=bool(cfg.allow_unsigned)
     )
-    checkpoint_preprocessing(cfg, dict(module.hparams.get("preprocess") or {}))
+    trained = dict(module.hparams.get("preprocess") or {})
+    checkpoint_preprocessing(cfg, trained)
+    size = int(cfg.data.get("crop_size") or cfg.data.image_size)
+    if size != (trained.get("crop_size") or trained.get("image_size")):  # one given here
+        validate.check_input_size(
+            module.net,
+            size,
+            f"the checkpoint's model={module.hparams.model_name} "
+            f"(model.backbone={(module.hparams.get('model') or {}).get('backbone')})",
+            train=False,
+        )
     write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(int(cfg.seed), workers=True)
     kdad_wandb.prepare(cfg, out)

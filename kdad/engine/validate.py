@@ -5,7 +5,9 @@ interpolations), the typed checks below (numbers where numbers are expected, in 
 constructors (models and data modules raise :class:`~kdad.errors.KDADError` for their own
 keys; anything else they raise while being built from the config is turned into one line
 naming the group), the trainer's constructor (wrapped the same way), or :func:`check_input_size`
-(a dry forward pass: the smallest image the chosen network accepts). Each problem is one line.
+(a dry forward pass: the smallest image the chosen network accepts; kdad-eval runs it too).
+Each problem is one line. Mistakes Hydra finds while composing (an unknown key or option, a
+malformed override, a YAML syntax error) are made one line by :mod:`kdad.engine.hydra`.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     InterpolationResolutionError,
     MissingMandatoryValue,
@@ -51,6 +54,10 @@ _NUMBERS: dict[str, tuple[type, float, str]] = {
     "teacher_cache_max_gb": (float, 0, "a number of GB >= 0"),
     "callbacks.model_checkpoint.every_n_epochs": (int, 0, "an integer >= 0"),
     "callbacks.heatmaps.num_images": (int, 0, "an integer >= 0"),
+    # The smallest positive float as an inclusive bound: the learning rate must be > 0.
+    "optimizer.lr": (float, math.nextafter(0.0, 1.0), "a number > 0 (the learning rate)"),
+    "optimizer.weight_decay": (float, 0, "a number >= 0"),
+    "optimizer.momentum": (float, 0, "a number >= 0"),
 }
 
 
@@ -63,7 +70,8 @@ def resolve(cfg: DictConfig) -> None:
         raise KDADError(f"{key} is required but not set: pass {key}=...") from None
     except (InterpolationResolutionError, OmegaConfBaseException) as exc:
         key = getattr(exc, "full_key", None)
-        raise KDADError(f"config{f' key {key}' if key else ''}: {one_line(exc)}") from None
+        reason = str(exc).split("full_key:")[0]  # OmegaConf's trailer repeats the key
+        raise KDADError(f"config{f' key {key}' if key else ''}: {reason}") from None
 
 
 def check_numbers(cfg: DictConfig) -> None:
@@ -130,18 +138,46 @@ def check_targets(cfg: DictConfig) -> None:
             )
 
 
+def check_layers(cfg: DictConfig) -> None:
+    """``model.layers`` given as stage indices are feature stages of ``model.backbone`` (timm's
+    ``features_only`` stages, read from the network built on the meta device: no weights).
+    Stages given by module name are checked where the teacher is built."""
+    layers = OmegaConf.select(cfg, "model.layers", default=None)
+    backbone = OmegaConf.select(cfg, "model.backbone", default=None)
+    if not isinstance(layers, ListConfig) or not isinstance(backbone, str):
+        return
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
+        return
+    import timm
+
+    try:
+        with torch.device("meta"):
+            stages = timm.create_model(backbone, features_only=True).feature_info.module_name()
+    except Exception:  # an unknown backbone: its constructor says so, with the reason
+        return
+    bad = [v for v in layers if not -len(stages) <= v < len(stages)]
+    if bad:
+        valid = ", ".join(f"{i}={name}" for i, name in enumerate(stages))
+        raise KDADError(
+            f"model.layers={list(layers)}: {', '.join(map(str, bad))} not a feature stage of "
+            f"model.backbone={backbone}; valid: 0..{len(stages) - 1} ({valid})"
+        )
+
+
 def check_train(cfg: DictConfig) -> None:
     """What kdad-train checks before loading any data."""
     resolve(cfg)
     check_numbers(cfg)
     check_targets(cfg)
+    check_layers(cfg)
     for key, valid in (("test_ckpt", ("last", "best")), ("resume", ("auto", "never"))):
         if cfg.get(key) not in valid:
             raise KDADError(f"{key}={cfg.get(key)!r}: expected {' or '.join(valid)}")
 
 
 def built(what: str, build: Callable[[], T]) -> T:
-    """``build()``; what it raises because of a config value becomes one line naming ``what``."""
+    """``build()``; what it raises because of a config value becomes one line naming ``what``
+    (and the key, for a setting the constructor does not take)."""
     try:
         return build()
     except KDADError:
@@ -150,27 +186,36 @@ def built(what: str, build: Callable[[], T]) -> T:
         cause = exc.__cause__ or exc.__context__
         if isinstance(cause, KDADError):
             raise KDADError(f"{what}: {one_line(cause)}") from None
-        detail = f"{type(cause).__name__}: {one_line(cause)}" if cause else one_line(exc)
-        raise KDADError(f"{what}: cannot be built from the config ({detail[:300]})") from None
+        raise _not_built(what, cause or exc) from None
     except (TypeError, ValueError, IndexError, KeyError, AssertionError) as exc:
-        raise KDADError(
-            f"{what}: cannot be built from the config ({type(exc).__name__}: {one_line(exc)[:300]})"
-        ) from None
+        raise _not_built(what, exc) from None
 
 
-def _forward_ok(probe: Any, size: int) -> str | None:
-    """Both passes a run makes, on zeros: the training loss (train mode, a batch of 2:
-    BatchNorm needs more than one value per channel) and the test prediction (eval mode),
-    after the model's ``before_fit`` (NFERD fills its bank) from zero images. Returns why
-    they fail, or None."""
+def _not_built(what: str, exc: BaseException) -> KDADError:
+    detail = f"{type(exc).__name__}: {one_line(exc)}"[:300]
+    unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+    if isinstance(exc, TypeError) and unknown:  # a +group.key=... the constructor does not take
+        key = f"{what.split('=', 1)[0]}.{unknown.group(1)}"
+        return KDADError(
+            f"{what}: cannot be built from the config: {key} is not one of its settings ({detail})"
+        )
+    return KDADError(f"{what}: cannot be built from the config ({detail})")
+
+
+def _forward_ok(probe: Any, size: int, train: bool = True) -> str | None:
+    """The passes a run makes, on zeros: the training loss (train mode, a batch of 2:
+    BatchNorm needs more than one value per channel), after the model's ``before_fit`` (NFERD
+    fills its bank) from zero images, unless ``train`` is false; the test prediction (eval
+    mode). Returns why they fail, or None."""
     images = torch.zeros(2, 3, size, size)
     previous = logging.getLogger("kdad").level
     logging.getLogger("kdad").setLevel(logging.ERROR)  # "the bank holds all of them", etc.
     try:
-        top_k = max(int(getattr(probe, "nfb_top_k", 1) or 1), 1)
-        probe.before_fit(DataLoader([images[0]] * top_k, batch_size=top_k))
-        probe.train()
-        probe.loss(probe(images))
+        if train:
+            top_k = max(int(getattr(probe, "nfb_top_k", 1) or 1), 1)
+            probe.before_fit(DataLoader([images[0]] * top_k, batch_size=top_k))
+            probe.train()
+            probe.loss(probe(images))
         probe.eval()
         probe.predict(images[:1])
     except (KDADError, RuntimeError, ValueError, IndexError, ZeroDivisionError) as exc:
@@ -181,15 +226,16 @@ def _forward_ok(probe: Any, size: int) -> str | None:
 
 
 @torch.no_grad()
-def check_input_size(net: Any, size: int, what: str) -> None:
+def check_input_size(net: Any, size: int, what: str, train: bool = True) -> None:
     """Dry passes at the network's input size (``data.crop_size`` or ``data.image_size``), on a
     copy (the run's weights, buffers and BatchNorm statistics are untouched); if they fail,
-    name the smallest size that works (16-px steps)."""
+    name the smallest size that works (16-px steps). ``train=False`` (kdad-eval): the test
+    prediction only."""
     probe = copy.deepcopy(net)
-    reason = _forward_ok(probe, size)
+    reason = _forward_ok(probe, size, train)
     if reason is None:
         return
-    smallest = next((s for s in range(16, 1025, 16) if _forward_ok(probe, s) is None), None)
+    smallest = next((s for s in range(16, 1025, 16) if _forward_ok(probe, s, train) is None), None)
     if smallest is None:
         raise KDADError(f"{what} cannot run at data.image_size/crop_size={size} ({reason})")
     raise KDADError(
@@ -198,4 +244,11 @@ def check_input_size(net: Any, size: int, what: str) -> None:
     )
 
 
-__all__ = ["built", "check_input_size", "check_numbers", "check_train", "resolve"]
+__all__ = [
+    "built",
+    "check_input_size",
+    "check_layers",
+    "check_numbers",
+    "check_train",
+    "resolve",
+]

@@ -8,10 +8,12 @@ file: each is written to a temporary file in the same folder and moved into plac
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from kdad.errors import DISK_FULL
 
 
 def _umask() -> int:
@@ -37,20 +41,47 @@ def atomic_path(path: str | Path, suffix: str = ".tmp", fixed: bool = False) -> 
     so that a kill -9 leaves at most one stale part, which the next attempt overwrites.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fixed:
-        tmp = str(path.with_name(f".{path.name}{suffix}"))
-        Path(tmp).unlink(missing_ok=True)
-    else:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-        os.close(fd)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fixed:
+            stale = str(path.with_name(f".{path.name}{suffix}"))
+            Path(stale).unlink(missing_ok=True)
+            tmp = stale
+        else:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+            os.close(fd)
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        full = _disk_full(exc, path) if isinstance(exc, Exception) else None
+        if full is not None:
+            raise full from exc
         raise
+
+
+def _disk_full(exc: Exception, path: Path) -> OSError | None:
+    """If writing ``path`` failed because the disk (or the quota) is full, an OSError with
+    that errno naming ``path`` (the file the user knows, not the temporary one); else None.
+
+    torch's own file writer (``torch.save`` to a path) reports a full disk as a RuntimeError
+    without an errno: a failure that leaves less than 1 MiB free on the device counts too."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code not in DISK_FULL:
+        if isinstance(exc, OSError) or not _nearly_full(path.parent):
+            return None
+        code = errno.ENOSPC
+    return OSError(code, os.strerror(code), str(path))
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -139,7 +139,7 @@ def test_eval_uses_the_checkpoints_preprocessing(env: dict[str, str], tmp_path: 
         (["trainer.max_epochs=abc"], "trainer.max_epochs='abc': expected an integer"),
         (["trainer.max_epochs=0"], "0 trains nothing"),
         (["data=folder"], "data.root is required"),
-        (["model=stfpm", "model.layers=[5]"], "model=stfpm: cannot be built from the config"),
+        (["model=stfpm", "model.layers=[5]"], "model.layers=[5]: 5 not a feature stage"),
         (["data.batch_size=-2"], "data.batch_size=-2: expected an integer >= 1"),
         (["+data.no_such_key=1"], "data: cannot be built from the config"),
     ],
