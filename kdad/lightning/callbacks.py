@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
+from kdad.errors import disk_full
 from kdad.io.atomic import write_csv_atomic, write_npz_atomic, write_png_atomic, write_text_atomic
 from kdad.metrics import thresholds
 from kdad.viz.overlay import heatmap_panel
@@ -122,7 +123,17 @@ def save_checkpoint_atomically(trainer: L.Trainer, path: str | Path, weights_onl
     write leaves the previous file intact."""
     target = Path(path)
     partial = target.with_name(f".{target.name}.partial")
-    trainer.save_checkpoint(partial, weights_only)
+    try:
+        trainer.save_checkpoint(partial, weights_only)
+    except Exception as exc:  # a full disk, a lost mount: no partial file left behind
+        if trainer.is_global_zero:
+            partial.unlink(missing_ok=True)
+        full = next(
+            (e for e in (exc, exc.__cause__, exc.__context__) if isinstance(e, OSError)), None
+        )
+        if full is not None and disk_full(full) is not None:  # name the checkpoint, not the temp
+            raise OSError(full.errno, os.strerror(full.errno), str(target)) from exc
+        raise
     if trainer.is_global_zero:
         os.replace(partial, target)
     trainer.strategy.barrier("kdad_checkpoint")

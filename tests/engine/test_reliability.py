@@ -374,3 +374,24 @@ def test_a_second_run_into_a_folder_in_use_refuses_and_a_killed_run_leaves_it_fr
     first.wait()
     again = run_in_process("kdad.cli.train", args, env, tmp_path)  # the lock died with it
     assert "resuming" in again.stdout + again.stderr and (folder / "metrics.json").is_file()
+
+
+def test_a_full_disk_during_a_checkpoint_write_leaves_no_partial_file(tmp_path: Path) -> None:
+    import errno
+    from types import SimpleNamespace
+
+    from kdad.errors import disk_full
+    from kdad.lightning.callbacks import save_checkpoint_atomically
+
+    target = tmp_path / "last.ckpt"
+    target.write_bytes(b"previous")
+
+    def full(path, weights_only=False):
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    trainer = SimpleNamespace(save_checkpoint=full, is_global_zero=True)
+    with pytest.raises(OSError) as raised:
+        save_checkpoint_atomically(trainer, target, weights_only=False)
+    assert f"writing {target}" in disk_full(raised.value)  # the checkpoint, not its temp file
+    assert target.read_bytes() == b"previous" and sorted(tmp_path.iterdir()) == [target]
