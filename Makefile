@@ -7,12 +7,14 @@ STAMP := $(VENV)/.kdad-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train test test-all lint format bench clean
+.PHONY: help install train test test-all test-floors mutate lint format bench clean
 
 help:
 	@echo "make train   set up .venv and run the built-in demo (synthetic data, CPU, a few minutes)"
 	@echo "make test    set up .venv and run the test suite (tests marked slow deselected)"
 	@echo "make test-all  the suite including tests marked slow (DDP simulation, plugin sweeps)"
+	@echo "make test-floors  the tests again with the lowest declared dependency versions (before a release)"
+	@echo "make mutate  plant each defect of tests/_mutation/patches in a scratch copy: its tests must fail"
 	@echo "make bench   the benchmarks of experiments/benchmark on this machine (DEVICE=cpu|cuda)"
 	@echo "make lint    ruff check + format check;  make format: apply ruff's fixes and formatting"
 
@@ -37,6 +39,17 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -m "slow or not slow" $(PYTEST_ARGS)
+
+# Before a release: the lowest declared versions of the Python-level dependencies
+# (tests/floors.sh; FLOOR_TORCH=1 adds torch and torchvision, several GB).
+test-floors: install
+	bash tests/floors.sh $(PYTEST_ARGS)
+
+# Mutation check (tests/_mutation/run.py): each patch plants one defect in a scratch copy of the
+# checkout and runs the tests it names, which must fail. MUTANTS=name1 name2 picks some.
+MUTANTS ?=
+mutate: install
+	$(BIN)/python tests/_mutation/run.py $(MUTANTS)
 
 # The benchmarks (experiments/benchmark/README.md); the anomalib comparison needs the [bench] extra.
 DEVICE ?= cpu

@@ -85,6 +85,10 @@ def test_mvtec_layout(tmp_path):
         else:
             assert s.defect_type == "good" and s.mask_path is None
     assert sum(s.label for s in test) == 4
+    # The normal test images are test/good's, none of them a training image.
+    normal_test = [s.image_path for s in test if s.label == 0]
+    assert sorted(normal_test) == sorted((tmp_path / "bottle" / "test" / "good").glob("*.png"))
+    assert not {p.resolve() for p in normal_test} & {s.image_path.resolve() for s in train}
     assert assert_masks_land(AnomalyDataset(test, Preprocess(32))) == 4
 
 
@@ -395,6 +399,7 @@ def test_validation_split(tmp_path):
         assert all(p.parent == tmp_path / "bottle" / "train" / "good" for p in train + val)
         assert all(s.label == 0 for s in dm.val_dataset.samples)
         assert len(dm.test_dataset) == 6  # test images never move into validation
+        assert not {s.image_path for s in dm.test_dataset.samples} & set(train + val)
         splits.append(val)
     assert splits[0] == splits[1] and splits[0] != splits[2]
 

@@ -180,14 +180,21 @@ def test_failed_job_of_a_multirun_ends_its_wandb_run_failed_and_summaries_are_pl
     assert (sweep / "1" / "FAILED").is_file()
     # The summary as dashboards use it: every test metric and loss a plain number, the best of
     # training under its own name, also for the failed run (settled when it finished).
+    # Read from the logged values (history), not from W&B's metric definitions: a metric that
+    # is defined but never logged fails here.
     done = runs["last"]
+    written = json.loads((sweep / "0" / "metrics.json").read_text())
     for key in METRIC_KEYS:
-        assert isinstance(done["summary"][f"test/{key}"], float), key
+        (logged,) = done["history"][f"test/{key}"]  # logged once, at the end of testing
+        assert logged == pytest.approx(written[key], rel=1e-6, abs=1e-6), key
+        assert done["summary"][f"test/{key}"] == logged, key
         assert not done["metrics"].get(f"test/{key}"), key  # no {max: ...} summary
     for r in runs.values():
         for loss in ("val/loss", "train/loss_epoch"):
-            assert isinstance(r["summary"][loss], float)
-            assert r["summary"][f"{loss}_min"] <= r["summary"][loss]
+            logged = r["history"][loss]
+            assert logged and all(isinstance(v, float) for v in logged), loss
+            assert r["summary"][loss] == logged[-1]
+            assert r["summary"][f"{loss}_min"] == min(logged)
         assert r["group"] == "train" and not r["deprecated"]  # no reinit=True and the like
     # The W&B sweep recipe's objective is one of these plain numbers.
     objective = yaml.safe_load(SWEEP_RECIPE.read_text())["metric"]["name"]

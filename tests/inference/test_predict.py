@@ -109,9 +109,18 @@ def test_final_checkpoint_holds_thresholds_fit_on_validation_images(
     assert '"fitted": true' in record and str(fitted["image"]["threshold"])[:8] in record
 
 
+def _linear_quantile(values: np.ndarray, q: float) -> float:
+    """The q-quantile by sorting and linear interpolation between order statistics."""
+    ordered = sorted(values.tolist())
+    position = q * (len(ordered) - 1)
+    below = int(position)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (position - below) * (ordered[above] - ordered[below])
+
+
 def test_threshold_methods_and_normalisation() -> None:
     normal = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
-    pixels = np.linspace(0, 1, 1001)
+    pixels = np.random.default_rng(0).random(1001)
     fitted = fit_from_values(
         {
             "scores": normal,
@@ -119,7 +128,8 @@ def test_threshold_methods_and_normalisation() -> None:
             "pixel_values": pixels,
             "pixel_labels": None,
         },
-        {"image_quantile": 0.75},
+        # Not conf/train.yaml's defaults: a quantile hard-coded in kdad would show.
+        {"image_quantile": 0.75, "pixel_quantile": 0.9},
     )
     image = fitted["image"]
     assert image["threshold"] == 4.0 and image["center"] == 3.0 and image["method"] == "quantile"
@@ -128,7 +138,10 @@ def test_threshold_methods_and_normalisation() -> None:
         and normalize(3.0, image) == 0.0
         and normalize(5.0, image) == 2.0
     )
-    assert fitted["pixel"]["threshold"] == pytest.approx(0.999)
+    pixel = fitted["pixel"]
+    assert pixel["method"] == "quantile" and pixel["quantile"] == 0.9
+    assert pixel["threshold"] == pytest.approx(_linear_quantile(pixels, 0.9), abs=1e-12)
+    assert pixel["center"] == pytest.approx(_linear_quantile(pixels, 0.5), abs=1e-12)
     # With labelled anomalies (auto -> f1): the cut separating them perfectly, strict ">" rule.
     scores = np.array([1.0, 2.0, 3.0, 7.0, 8.0])
     labels = np.array([0, 0, 0, 1, 1])

@@ -57,6 +57,56 @@ def test_fusion_modes_and_score() -> None:
     assert torch.equal(gen.image_score(add), add.flatten(1).amax(1))
 
 
+@pytest.mark.parametrize(("sigma", "size"), [(4.0, (48, 40)), (1.5, (16, 16))])
+def test_generator_smooths_the_fused_map_as_scipy_does(sigma: float, size: tuple[int, int]) -> None:
+    """With sigma > 0 the map is scipy's gaussian_filter of the unsmoothed fused map (RD4AD's
+    cal_anomaly_map), and the score is that map's maximum: a skipped blur fails here."""
+    torch.manual_seed(0)
+    a, b = torch.rand(2, 1, 4, 4), torch.rand(2, 1, 8, 8)
+    up = [F.interpolate(x, size=size, mode="bilinear", align_corners=True) for x in (a, b)]
+    unsmoothed = (up[0] + up[1]).double().numpy()  # by hand, not by the generator
+    gen = AnomalyMapGenerator("add", sigma=sigma, align_corners=True)
+    ours = gen([a, b], size)
+    for i in range(2):
+        reference = gaussian_filter(unsmoothed[i, 0], sigma=sigma)
+        assert np.abs(reference - unsmoothed[i, 0]).max() > 1e-3  # the case discriminates
+        np.testing.assert_allclose(ours[i, 0].double().numpy(), reference, atol=1e-6)
+        assert gen.image_score(ours)[i].item() == pytest.approx(reference.max(), abs=1e-6)
+
+
+def test_rd4ad_config_smooths_its_maps_with_sigma_4() -> None:
+    """conf/model/rd.yaml's map: the sum of the per-layer 1 - cos maps, upsampled with
+    align_corners=True, then scipy's gaussian_filter with the official sigma 4."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from kdad.models.rd4ad import ReverseDistillation
+
+    conf = OmegaConf.load(Path(__file__).parents[2] / "conf" / "model" / "rd.yaml")
+    anomaly_map = OmegaConf.to_container(conf.model.anomaly_map)
+    assert anomaly_map["sigma"] == 4.0  # hq-deng/RD4AD test.py: gaussian_filter(sigma=4)
+    torch.manual_seed(0)
+    model = ReverseDistillation("resnet18", pretrained=False, anomaly_map=anomaly_map).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps, scores = model.predict(images)
+        pairs = model(images)
+    for i in range(2):
+        summed = sum(
+            F.interpolate(
+                cosine_distance(t[i : i + 1].double(), s[i : i + 1].double()),
+                size=(64, 64),
+                mode="bilinear",
+                align_corners=True,
+            )[0, 0].numpy()
+            for t, s in pairs
+        )
+        reference = gaussian_filter(summed, sigma=4.0)
+        np.testing.assert_allclose(maps[i, 0].double().numpy(), reference, rtol=1e-4, atol=1e-6)
+        assert scores[i].item() == pytest.approx(reference.max(), rel=1e-4)
+
+
 def test_scores_are_raw_not_squashed() -> None:
     maps = torch.full((1, 1, 4, 4), 7.5)
     assert AnomalyMapGenerator("add", sigma=0).image_score(maps).item() == 7.5
