@@ -42,15 +42,26 @@ from kdad.metrics import thresholds as kdad_thresholds
 log = logging.getLogger("kdad")
 
 
+def _weights_only(method: Any) -> dict[str, bool]:
+    """``weights_only=True`` for a Trainer method that takes it (Lightning >= 2.6); older
+    Lightning loads with torch.load's default, after kdad has read and verified the file with
+    weights_only=True (kdad.io.checkpoint.read_checkpoint)."""
+    import inspect
+
+    return {"weights_only": True} if "weights_only" in inspect.signature(method).parameters else {}
+
+
 def build_module(cfg: DictConfig) -> DistillationModule:
     # What evaluation and prediction repeat from the checkpoint (kdad-eval, kdad-predict).
+    # Hyper-parameters are plain data, choices as strings (the schema's Enums are not
+    # allowed by torch.load(weights_only=True)).
     preprocess = {
         "image_size": cfg.data.image_size,
         "crop_size": cfg.data.get("crop_size"),
-        "mask_resize": cfg.data.get("mask_resize", "nearest"),
+        "mask_resize": str(cfg.data.get("mask_resize", "nearest")),
     }
     return DistillationModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
+        model=OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True) if cfg.optimizer else None,
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
         model_name=str(cfg.model_name),
@@ -290,7 +301,7 @@ def train(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, **_weights_only(trainer.fit))
     except SIGTERMException:
         kept = "checkpoints/last.ckpt saved" if saver.saved else "no checkpoint could be saved"
         raise Interrupted(
@@ -324,7 +335,7 @@ def train(cfg: DictConfig) -> float | None:
                 "test_ckpt=best but no best checkpoint was saved (callbacks.model_checkpoint.monitor is unset)"
             )
         test_ckpt = best
-    trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, weights_only=True)
+    trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, **_weights_only(trainer.test))
     return _optimized(cfg, write_run_results(cfg.seed, trainer, module, datamodule, speed))
 
 
