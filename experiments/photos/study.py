@@ -147,6 +147,9 @@ def stage_runs(stage: str) -> list[tuple[str, list[str], str | None]]:
 
 
 CODE = ROOT  # the checkout whose kdad the runs use (--code)
+# -P: ``python -m`` must not put the working folder (this checkout) in front of --code's
+# checkout on sys.path (Python >= 3.11).
+PYTHON_FLAGS: list[str] = []
 
 
 def commit() -> str:
@@ -182,7 +185,7 @@ def execute(stage: str, name: str, overrides: list[str], resumes: str | None) ->
     if (dest / "metrics.json").is_file():
         return False
     folder = LOGS / stage / name
-    command = [str(BIN / "python"), "-m", "kdad.cli.train", *BASE, *overrides]
+    command = [str(BIN / "python"), *PYTHON_FLAGS, "-m", "kdad.cli.train", *BASE, *overrides]
     command.append(f"hydra.run.dir={folder}")
     if resumes is not None:
         previous = LOGS / stage / resumes
@@ -206,7 +209,9 @@ def execute(stage: str, name: str, overrides: list[str], resumes: str | None) ->
         if (folder / file).is_file():
             shutil.copy2(folder / file, tmp / file)
     tmp.rename(dest)  # the results of a run appear whole or not at all
-    shown = " ".join(o for o in command[3:] if not o.startswith("hydra.run.dir"))
+    shown = " ".join(
+        o for o in command[3 + len(PYTHON_FLAGS) :] if not o.startswith("hydra.run.dir")
+    )
     with open(RESULTS / stage / "RUN.md", "a") as record:
         record.write(f"- `{name}`: {took:.0f} s, commit {commit()}: `kdad-train {shown}`\n")
     print(f"  {name}: {took:.0f} s", flush=True)
@@ -245,7 +250,14 @@ def aggregate(stage: str) -> None:
         source = scratch
     try:
         subprocess.run(
-            [str(BIN / "python"), "-m", "kdad.cli.aggregate", str(source), "--no-plots"],
+            [
+                str(BIN / "python"),
+                *PYTHON_FLAGS,
+                "-m",
+                "kdad.cli.aggregate",
+                str(source),
+                "--no-plots",
+            ],
             cwd=ROOT,
             env=_environment(),
             check=False,
@@ -308,6 +320,18 @@ def main(argv: list[str] | None = None) -> int:
         link = CODE / "kdad" / "conf"
         if not link.exists():
             link.symlink_to(Path("..") / "conf")
+        PYTHON_FLAGS.append("-P")
+        where = subprocess.run(
+            [str(BIN / "python"), "-P", "-c", "import kdad; print(kdad.__file__)"],
+            env=_environment(),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if not Path(where).resolve().is_relative_to(CODE):
+            raise SystemExit(f"--code {CODE}: the runs would import kdad from {where}")
+        print(f"kdad from {where}", flush=True)
     # (stage, seeds or None): "all" goes seed by seed through the headline and the switch
     # studies, so that every table has its first seeds early, then Lite2.
     if args.stage == "all":
