@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from kdad.config import choice
 from kdad.data.dataset import AnomalyDataset
 from kdad.data.download import dataset_spec, ensure_dataset
 from kdad.data.layouts import Sample, btad_samples, folder_samples, mvtec_samples
@@ -22,7 +24,25 @@ from kdad.data.synthetic import SYNTHETIC_CATEGORIES, ensure_synthetic
 from kdad.data.transforms import Preprocess
 from kdad.errors import KDADError
 
-LAYOUTS = ("mvtec", "btad", "folder", "synthetic", "photos")
+
+class Layout(str, Enum):
+    """The dataset's folder layout (``data.layout``; README "Data")."""
+
+    mvtec = "mvtec"
+    btad = "btad"
+    folder = "folder"
+    synthetic = "synthetic"
+    photos = "photos"
+
+
+class MaskResize(str, Enum):
+    """How test masks are resampled to the input size (``data.mask_resize``; see Preprocess)."""
+
+    nearest = "nearest"  # pixel centres
+    bilinear = "bilinear"  # then > 0.5: the official RD4AD code
+
+
+LAYOUTS = tuple(m.value for m in Layout)
 # Layouts generated on first use: their categories and generator.
 GENERATED = {
     "synthetic": (SYNTHETIC_CATEGORIES, ensure_synthetic),
@@ -67,15 +87,21 @@ class AnomalyDataModule(L.LightningDataModule):
     use (parameters: ``synthetic`` / ``photos``);
     ``test_fraction`` (folder layout) is the share of ``normal_dir`` held out as normal test
     images when no ``normal_test_dir`` is given (default 0.2). ``mask_resize``: how test masks
-    are resampled to the input size, ``nearest`` or ``bilinear`` then ``> 0.5`` (the official
-    RD4AD code), see :class:`~kdad.data.transforms.Preprocess`. ``pin_memory``: the loaders'
+    are resampled to the input size, ``nearest`` (pixel centres) or ``bilinear`` then ``> 0.5``
+    (the official RD4AD code; experiment=paper_mvtec/paper_btad use it), see
+    :class:`~kdad.data.transforms.Preprocess`. ``pin_memory``: the loaders'
     page-locked batches (faster copies to a GPU), ``true``, ``false`` or ``auto`` (when the
-    trainer runs on a CUDA device; without a trainer, when CUDA is available).
+    trainer runs on a CUDA device; without a trainer, when CUDA is available). ``cache``: keep
+    the preprocessed training/validation tensors in memory (identical results, no re-decoding
+    each epoch): ``true``, ``false`` or ``auto`` (when they fit in ``cache_max_gb``).
+
+    The signature is the one home of the data keys' defaults: conf/data/*.yaml set only what a
+    dataset's reference settings change (kdad.config builds the schema from it).
     """
 
     def __init__(
         self,
-        layout: str,
+        layout: Layout | str,
         root: str,
         category: str | None = None,
         image_size: int = 256,
@@ -90,16 +116,16 @@ class AnomalyDataModule(L.LightningDataModule):
         mask_dir: str | None = None,
         normal_test_dir: str | None = None,
         test_fraction: float | None = None,
-        synthetic: Mapping | None = None,
-        photos: Mapping | None = None,
+        synthetic: Mapping[str, int] | None = None,
+        photos: Mapping[str, int] | None = None,
         pin_memory: bool | str = "auto",
         cache: bool | str = "auto",
         cache_max_gb: float = 4.0,
-        mask_resize: str = "nearest",
+        mask_resize: MaskResize | str = "nearest",
     ) -> None:
         super().__init__()
-        if layout not in LAYOUTS:
-            raise KDADError(f"unknown dataset layout '{layout}'; valid: {', '.join(LAYOUTS)}")
+        layout = choice(Layout, layout, "data.layout")
+        mask_resize = choice(MaskResize, mask_resize, "data.mask_resize")
         folder_args = dict(
             normal_dir=normal_dir,
             abnormal_dir=abnormal_dir,
@@ -285,7 +311,7 @@ class AnomalyDataModule(L.LightningDataModule):
 def instantiate_data(data_cfg: DictConfig) -> Any:
     """The data module of ``cfg.data``; with ``data.download=true``, fetch the dataset first
     (:mod:`kdad.data.download`)."""
-    container = OmegaConf.to_container(data_cfg, resolve=True)
+    container = OmegaConf.to_container(data_cfg, resolve=True, enum_to_str=True)
     download = bool(container.pop("download", False))
     if download:
         layout = str(container.get("layout"))

@@ -169,14 +169,16 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
 
 
 def _varying(runs: Sequence[Run], exclude: Iterable[str] = ()) -> list[str]:
-    """The config keys whose value differs between ``runs`` (study bookkeeping left out)."""
+    """The config keys whose value differs between ``runs`` (study bookkeeping left out). A
+    key that some runs' configs do not have (written by an older kdad, before the key was
+    shown) does not vary for that alone: only the values present are compared."""
     skip = set(exclude)
     return [
         k
         for k in sorted({k for run in runs for k in run.config})
         if k not in skip
         and not k.startswith(IGNORED_PREFIXES)
-        and len({json.dumps(run.config.get(k), default=str) for run in runs}) > 1
+        and len({json.dumps(run.config[k], default=str) for run in runs if k in run.config}) > 1
     ]
 
 

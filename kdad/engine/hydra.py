@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -197,6 +198,20 @@ def _unknown_key(exc: BaseException) -> str | None:
     )
 
 
+def _wrong_type(exc: BaseException) -> str | None:
+    """``model.cbam=flase``, ``data.batch_size=1.5`` (a value the typed config refuses): the
+    key, the value and what it expects, from OmegaConf's validation error."""
+    from omegaconf.errors import ValidationError
+
+    cause = exc.__cause__
+    if not isinstance(cause, ValidationError) or not cause.full_key:
+        return None
+    reason = " ".join(str(cause).split("full_key:")[0].split())
+    value = re.search(r"Value '([^']*)'", reason) or re.search(r"Invalid value '([^']*)'", reason)
+    shown = f"{cause.full_key}={value.group(1)}" if value else str(cause.full_key)
+    return f"{shown}: refused by the config's type ({reason})"
+
+
 def config_error_message(exc: BaseException) -> str | None:
     """The one line for a mistake Hydra or OmegaConf found in the command line or a config
     file while composing, before any job runs (an unknown option or key, a malformed override,
@@ -236,6 +251,9 @@ def config_error_message(exc: BaseException) -> str | None:
         unknown = _unknown_key(exc)
         if unknown is not None:
             return unknown
+        typed = _wrong_type(exc)
+        if typed is not None:
+            return typed
         text = _hydra_text(str(exc))
         if isinstance(exc.__cause__, OmegaConfBaseException):
             text += f" ({_hydra_text((str(exc.__cause__).splitlines() or [''])[0])})"

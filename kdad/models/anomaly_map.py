@@ -16,13 +16,48 @@ precision, but runs in torch on the model's device and exports to ONNX/TorchScri
 
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-FUSIONS = ("add", "product", "mean")
-SCORES = ("max", "mean")
-FUSE_AT = ("image", "first_layer")
+from kdad.config import choice
+
+
+class MapFusion(str, Enum):
+    """How the per-layer maps are fused (``model.anomaly_map.fusion``)."""
+
+    add = "add"  # RD4AD
+    product = "product"  # STFPM
+    mean = "mean"
+
+
+class Score(str, Enum):
+    """The image score from the map (``model.anomaly_map.score``)."""
+
+    max = "max"
+    mean = "mean"
+
+
+class FuseAt(str, Enum):
+    """Where the layers are fused (``model.anomaly_map.fuse_at``)."""
+
+    image = "image"
+    first_layer = "first_layer"
+
+
+class Distance(str, Enum):
+    """Per-pixel distance of a feature pair (``model.distance``; HKT's ``model.loss``)."""
+
+    cosine = "cosine"
+    normalized_l2 = "normalized_l2"
+    l2 = "l2"
+
+
+FUSIONS = tuple(m.value for m in MapFusion)
+SCORES = tuple(m.value for m in Score)
+FUSE_AT = tuple(m.value for m in FuseAt)
 
 
 def cosine_distance(target: Tensor, prediction: Tensor, eps: float = 1e-8) -> Tensor:
@@ -41,7 +76,11 @@ def l2_distance(target: Tensor, prediction: Tensor) -> Tensor:
     return (target - prediction).pow(2).sum(dim=1, keepdim=True)
 
 
-DISTANCES = {"cosine": cosine_distance, "normalized_l2": normalized_l2_distance, "l2": l2_distance}
+DISTANCES = {
+    Distance.cosine.value: cosine_distance,
+    Distance.normalized_l2.value: normalized_l2_distance,
+    Distance.l2.value: l2_distance,
+}
 
 
 def _reflect_index(length: int, radius: int, device: torch.device) -> Tensor:
@@ -100,21 +139,18 @@ class AnomalyMapGenerator(nn.Module):
 
     def __init__(
         self,
-        fusion: str = "add",
+        fusion: MapFusion | str = "add",
         sigma: float = 4.0,
         align_corners: bool = True,
-        score: str = "max",
-        fuse_at: str = "image",
+        score: Score | str = "max",
+        fuse_at: FuseAt | str = "image",
     ) -> None:
         super().__init__()
-        if fusion not in FUSIONS:
-            raise ValueError(f"anomaly_map.fusion must be one of {FUSIONS}, got {fusion!r}")
-        if score not in SCORES:
-            raise ValueError(f"anomaly_map.score must be one of {SCORES}, got {score!r}")
-        if fuse_at not in FUSE_AT:
-            raise ValueError(f"anomaly_map.fuse_at must be one of {FUSE_AT}, got {fuse_at!r}")
-        self.fusion, self.align_corners, self.score = fusion, bool(align_corners), score
-        self.fuse_at = fuse_at
+        # A wrong choice is a ChoiceError: a user error, and a ValueError as before.
+        self.fusion = choice(MapFusion, fusion, "model.anomaly_map.fusion")
+        self.score = choice(Score, score, "model.anomaly_map.score")
+        self.fuse_at = choice(FuseAt, fuse_at, "model.anomaly_map.fuse_at")
+        self.align_corners = bool(align_corners)
         self.blur = GaussianBlur2d(sigma)
 
     def _resize(self, maps: Tensor, size: tuple[int, int]) -> Tensor:
@@ -149,8 +185,13 @@ __all__ = [
     "DISTANCES",
     "FUSE_AT",
     "FUSIONS",
+    "SCORES",
     "AnomalyMapGenerator",
+    "Distance",
+    "FuseAt",
     "GaussianBlur2d",
+    "MapFusion",
+    "Score",
     "cosine_distance",
     "gaussian_kernel_size",
     "l2_distance",

@@ -16,8 +16,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from kdad.config import choice
 from kdad.errors import KDADError
-from kdad.models.anomaly_map import DISTANCES, AnomalyMapGenerator
+from kdad.models.anomaly_map import DISTANCES, AnomalyMapGenerator, Distance
 
 FeaturePairs = list[tuple[Tensor, Tensor]]
 
@@ -32,13 +33,15 @@ class DistillationModel(nn.Module):
 
     teacher: nn.Module
 
-    def __init__(self, distance: str = "cosine", anomaly_map: Mapping | None = None) -> None:
+    def __init__(
+        self, distance: Distance | str = "cosine", anomaly_map: Mapping | None = None
+    ) -> None:
         super().__init__()
-        if distance not in DISTANCES:
-            raise KDADError(f"model.distance={distance!r}: expected one of {sorted(DISTANCES)}")
-        self.distance = distance
+        self.distance = choice(Distance, distance, "model.distance")
         try:
             self.map_generator = AnomalyMapGenerator(**dict(anomaly_map or {}))
+        except KDADError:
+            raise
         except (TypeError, ValueError) as exc:
             raise KDADError(f"model.anomaly_map: {exc}") from None
 

@@ -39,7 +39,8 @@ What the student is for each teacher family (S3 copies the teacher's stages):
   quantity compared with a teacher one can take either sign.
 
 Where the paper is silent (its public text gives no layer tables, loss, optimiser or schedule),
-kdad chooses, and every choice is a config key (conf/model/hkt.yaml):
+kdad chooses, and every choice is a config key whose default is the signature's below
+(``kdad-train model=hkt --cfg job`` lists them; the choices are the Enums of this module):
 
 - ``alignment``: ``cross`` (S1; the default), ``same`` (S_l <-> T_l, STFPM-like) or ``both``
   (the union). Only the pairs used are built: ``same`` has no projector at all.
@@ -88,6 +89,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
+from enum import Enum
 
 import timm
 import torch
@@ -95,16 +97,41 @@ import torch.nn.functional as F
 from timm.models import FeatureListNet
 from torch import Tensor, nn
 
+from kdad.config import choice
 from kdad.errors import KDADError
-from kdad.models.anomaly_map import DISTANCES
+from kdad.models.anomaly_map import DISTANCES, Distance
 from kdad.models.base import DistillationModel, FeaturePairs
 from kdad.models.components.attention import CBAM
 from kdad.models.components.backbone import Teacher, create_feature_extractor
 from kdad.models.components.projector import Projector
 
-ALIGNMENTS = ("cross", "same", "both")
-CROSS_SCALES = ("top", "level")
-EXTRA_SOURCES = ("next_conv", "next_block", "random")
+
+class Alignment(str, Enum):
+    """Which teacher/student pairs are compared (``model.alignment``)."""
+
+    cross = "cross"  # S1: every student level -> the teacher's highest layer (the paper)
+    same = "same"  # level l <-> teacher level l (STFPM-like; no projectors)
+    both = "both"
+
+
+class CrossScale(str, Enum):
+    """Where a cross pair is compared (``model.cross_scale``)."""
+
+    top = "top"  # at the top layer's resolution
+    level = "level"  # the top layer resized to each level's
+
+
+class ExtraSource(str, Enum):
+    """Where HKT+'s two layers come from (``model.extra_source``)."""
+
+    next_conv = "next_conv"  # the teacher's next pretrained conv layer (the default)
+    next_block = "next_block"  # its next pretrained block
+    random = "random"  # a frozen seeded linear conv: adds no capacity (an ablation)
+
+
+ALIGNMENTS = tuple(m.value for m in Alignment)
+CROSS_SCALES = tuple(m.value for m in CrossScale)
+EXTRA_SOURCES = tuple(m.value for m in ExtraSource)
 
 
 def _sequential_features(
@@ -312,38 +339,30 @@ class HKT(DistillationModel):
         layers: Sequence[int | str] = (1, 2, 3),
         pretrained: bool = True,
         weights_path: str | None = None,
-        alignment: str = "cross",
-        cross_scale: str = "top",
+        alignment: Alignment | str = "cross",
+        cross_scale: CrossScale | str = "top",
         projectors: bool = True,
         cbam: bool = True,
         cbam_reduction: int = 16,
         cbam_kernel_size: int = 7,
         extra_layers: bool = False,
-        extra_source: str = "next_conv",
+        extra_source: ExtraSource | str = "next_conv",
         extra_kernel_size: int = 1,
         extra_seed: int = 0,
-        loss: str = "cosine",
-        distance: str = "cosine",
+        loss: Distance | str = "cosine",
+        distance: Distance | str = "cosine",
         anomaly_map: Mapping | None = None,
     ) -> None:
         super().__init__(distance, anomaly_map)
-        if alignment not in ALIGNMENTS:
-            raise KDADError(f"model.alignment={alignment!r}: expected one of {list(ALIGNMENTS)}")
-        if cross_scale not in CROSS_SCALES:
-            raise KDADError(
-                f"model.cross_scale={cross_scale!r}: expected one of {list(CROSS_SCALES)}"
-            )
+        alignment = choice(Alignment, alignment, "model.alignment")
+        cross_scale = choice(CrossScale, cross_scale, "model.cross_scale")
         if not projectors and alignment != "same":
             raise KDADError(
                 f"model.projectors=false with model.alignment={alignment}: cross-layer pairs need "
                 "projectors; use model.alignment=same (which builds none) or model.projectors=true"
             )
-        if extra_source not in EXTRA_SOURCES:
-            raise KDADError(
-                f"model.extra_source={extra_source!r}: expected one of {list(EXTRA_SOURCES)}"
-            )
-        if loss not in DISTANCES:
-            raise KDADError(f"model.loss={loss!r}: expected one of {sorted(DISTANCES)}")
+        extra_source = choice(ExtraSource, extra_source, "model.extra_source")
+        loss = choice(Distance, loss, "model.loss")
         self.teacher = Teacher(backbone, layers, pretrained, weights_path)
         reductions = self.teacher.reductions
         if any(b <= a for a, b in itertools.pairwise(reductions)):
@@ -449,7 +468,10 @@ __all__ = [
     "CROSS_SCALES",
     "EXTRA_SOURCES",
     "HKT",
+    "Alignment",
     "AttentionStudent",
+    "CrossScale",
+    "ExtraSource",
     "FrozenLayer",
     "FrozenRandomConv",
 ]

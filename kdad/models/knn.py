@@ -26,19 +26,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from enum import Enum
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdad.config import choice
 from kdad.errors import KDADError
 from kdad.models.base import DistillationModel, FeaturePairs
 from kdad.models.components.backbone import Teacher
 
 log = logging.getLogger("kdad")
 
-SAMPLINGS = ("coreset", "random")
+
+class Sampling(str, Enum):
+    """How the memory bank is subsampled (``model.sampling``)."""
+
+    coreset = "coreset"  # greedy k-centre (PatchCore)
+    random = "random"  # a seeded subsample
+
+
+SAMPLINGS = tuple(m.value for m in Sampling)
 
 
 def _batch_images(batch: Any) -> Tensor:
@@ -98,7 +108,7 @@ class NearestNeighbourReference(DistillationModel):
         stride: int = 8,
         patch_size: int = 3,
         bank_size: int = 4096,
-        sampling: str = "coreset",
+        sampling: Sampling | str = "coreset",
         projection_dim: int = 128,
         seed: int = 0,
         anomaly_map: Mapping | None = None,
@@ -114,8 +124,7 @@ class NearestNeighbourReference(DistillationModel):
                 raise KDADError(f"model.{key}={value!r}: expected an integer >= {low}")
         if patch_size % 2 == 0:
             raise KDADError(f"model.patch_size={patch_size}: expected an odd number")
-        if sampling not in SAMPLINGS:
-            raise KDADError(f"model.sampling={sampling!r}: expected one of {list(SAMPLINGS)}")
+        sampling = choice(Sampling, sampling, "model.sampling")
         self.teacher = Teacher(backbone, layers, pretrained, weights_path)
         for reduction in self.teacher.reductions:
             if max(reduction, stride) % min(reduction, stride):
@@ -239,4 +248,4 @@ class NearestNeighbourReference(DistillationModel):
         return torch.stack([m.mean() for m in self.distance_maps(pairs)]).sum()
 
 
-__all__ = ["SAMPLINGS", "NearestNeighbourReference", "greedy_coreset"]
+__all__ = ["SAMPLINGS", "NearestNeighbourReference", "Sampling", "greedy_coreset"]

@@ -17,7 +17,8 @@ Teacher, OCBE bottleneck, decoder and anomaly map are RD4AD's own modules, uncha
 ``nfb.enabled=false`` and ``fusion=none`` the model *is* RD4AD: the same parameters, buffers
 and state-dict keys (and, with ``loss=flattened``, the same loss).
 
-The defaults are section 3 as written (conf/model/nferd.yaml): ``nfb.recall=flattened``
+The defaults are section 3 as written (:class:`BankSettings`, :class:`HAFMSettings` and the
+signature; conf/model/nferd.yaml's header reads them key by key): ``nfb.recall=flattened``
 (whole maps as vectors), ``nfb.weighting=linear`` (w from the similarities as they are; the
 text gives no formula for w), ``nfb.similarity_grad=true`` (gradients through S) and
 ``loss=per_position`` (section 3.4). kdad's variant ``model=nferd_plus`` recalls per position
@@ -34,6 +35,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -42,24 +45,61 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from kdad.config import defaults, merge_settings
+from kdad.config import choice, settings
 from kdad.errors import KDADError
+from kdad.models.anomaly_map import Distance
 from kdad.models.base import FeaturePairs
 from kdad.models.components.feature_bank import (
-    RECALLS,
-    WEIGHTINGS,
     NormalFeatureBank,
+    Recall,
+    Weighting,
     select_bank_images,
 )
-from kdad.models.components.hafm import COMBINES, FUSIONS, MERGES, StageFusion
-from kdad.models.rd4ad import ReverseDistillation, reverse_distillation_loss
+from kdad.models.components.hafm import Combine, Fusion, Merge, StageFusion
+from kdad.models.rd4ad import DecoderOutput, ReverseDistillation, reverse_distillation_loss
 
 log = logging.getLogger("kdad")
 
-LOSSES = ("flattened", "per_position")
 
-# The bank's and HAFM's settings default to conf/model/nferd.yaml (the one home of defaults).
-_NFERD_YAML = "model/nferd.yaml"
+class NFERDLoss(str, Enum):
+    """The training loss (``model.loss``)."""
+
+    flattened = "flattened"  # RD4AD's official loss: 1 - cos of the flattened maps
+    per_position = "per_position"  # section 3.4: 1 - cos per position, mean over H x W
+
+
+LOSSES = tuple(m.value for m in NFERDLoss)
+
+
+@dataclass
+class BankSettings:
+    """``model.nfb``, the normal feature bank (:class:`NormalFeatureBank`). The defaults are
+    section 3 as written; conf/model/nferd.yaml's header says which keys are the paper's and
+    which are kdad's plainest choices, conf/model/nferd_plus.yaml the four that kdad's
+    variant changes."""
+
+    enabled: bool = True  # false (with fusion=none) = RD4AD exactly
+    size: int = 16  # N: normal training images stored (a choice)
+    top_k: int = 3  # K: most similar entries recalled per stage (a choice)
+    seed: int = 0  # which N images (a seeded draw from the training split)
+    recall: Recall | str = "flattened"  # section 3: whole maps as vectors
+    # w over the K: S_k / sum of the K, the similarities as they are (the text gives no formula)
+    weighting: Weighting | str = "linear"
+    temperature: float = 1.0  # softmax only: softmax(S / temperature)
+    learn_temperature: bool = False  # softmax only: train the inverse temperature
+    similarity_grad: bool = True  # gradients through S (false: S only selects and weights)
+    # training only: an image never recalls its own bank entry (not in the paper)
+    exclude_self: bool = False
+
+
+@dataclass
+class HAFMSettings:
+    """``model.hafm``: the Hybrid Attention Fusion Module (and ``fusion=cbam``'s CBAM)."""
+
+    merge: Merge | str = "add"  # how s and v enter the attention: s + v, or a 1x1 mix (choice)
+    combine: Combine | str = "add"  # parallel branches: x*Mc + x*Ms, or x*Mc*Ms (choice)
+    reduction: int = 16  # channel-attention MLP reduction (CBAM's)
+    kernel_size: int = 7  # spatial-attention conv (CBAM's)
 
 
 def _images(batch: Any) -> Tensor:
@@ -101,41 +141,27 @@ class NFERD(ReverseDistillation):
         bottleneck_blocks: int | None = None,
         decoder_layers: Sequence[int] | None = None,
         official_unused_layer: bool = True,
-        decoder_output: str = "relu",
-        nfb: Mapping[str, Any] | None = None,
-        fusion: str = "hafm",
+        decoder_output: DecoderOutput | str = "relu",
+        nfb: BankSettings | Mapping[str, Any] | None = None,
+        fusion: Fusion | str = "hafm",
         fused_to_decoder: bool = True,
-        hafm: Mapping[str, Any] | None = None,
-        loss: str = "per_position",
-        distance: str = "cosine",
+        hafm: HAFMSettings | Mapping[str, Any] | None = None,
+        loss: NFERDLoss | str = "per_position",
+        distance: Distance | str = "cosine",
         anomaly_map: Mapping | None = None,
     ) -> None:
         # Check the settings before building anything heavy.
-        nfb_cfg = merge_settings("model.nfb", nfb, defaults(_NFERD_YAML, "model.nfb"))
-        hafm_cfg = merge_settings("model.hafm", hafm, defaults(_NFERD_YAML, "model.hafm"))
-        enabled, size, top_k = bool(nfb_cfg["enabled"]), int(nfb_cfg["size"]), int(nfb_cfg["top_k"])
-        if fusion not in FUSIONS:
-            raise KDADError(f"model.fusion={fusion!r}: expected one of {list(FUSIONS)}")
-        if hafm_cfg["merge"] not in MERGES:
-            raise KDADError(
-                f"model.hafm.merge={hafm_cfg['merge']!r}: expected one of {list(MERGES)}"
-            )
-        if hafm_cfg["combine"] not in COMBINES:
-            raise KDADError(
-                f"model.hafm.combine={hafm_cfg['combine']!r}: expected one of {list(COMBINES)}"
-            )
-        if nfb_cfg["weighting"] not in WEIGHTINGS:
-            raise KDADError(
-                f"model.nfb.weighting={nfb_cfg['weighting']!r}: expected one of {list(WEIGHTINGS)}"
-            )
-        if nfb_cfg["recall"] not in RECALLS:
-            raise KDADError(
-                f"model.nfb.recall={nfb_cfg['recall']!r}: expected one of {list(RECALLS)}"
-            )
-        if loss not in LOSSES:
-            raise KDADError(f"model.loss={loss!r}: expected one of {list(LOSSES)}")
-        if not float(nfb_cfg["temperature"]) > 0:
-            raise KDADError(f"model.nfb.temperature={nfb_cfg['temperature']!r}: must be > 0")
+        bank = settings(BankSettings, nfb, "model.nfb")
+        attention = settings(HAFMSettings, hafm, "model.hafm")
+        fusion = choice(Fusion, fusion, "model.fusion")
+        merge = choice(Merge, attention.merge, "model.hafm.merge")
+        combine = choice(Combine, attention.combine, "model.hafm.combine")
+        weighting = choice(Weighting, bank.weighting, "model.nfb.weighting")
+        recall = choice(Recall, bank.recall, "model.nfb.recall")
+        loss = choice(NFERDLoss, loss, "model.loss")
+        enabled, size, top_k = bool(bank.enabled), int(bank.size), int(bank.top_k)
+        if not float(bank.temperature) > 0:
+            raise KDADError(f"model.nfb.temperature={bank.temperature!r}: must be > 0")
         if enabled and (size < 1 or not 1 <= top_k <= size):
             raise KDADError(f"model.nfb: need 1 <= top_k <= size, got size={size}, top_k={top_k}")
         if enabled and fusion == "none":
@@ -156,7 +182,7 @@ class NFERD(ReverseDistillation):
             anomaly_map,
         )
         self.nfb_enabled, self.nfb_size, self.nfb_top_k = enabled, size, top_k
-        self.nfb_seed, self.exclude_self = int(nfb_cfg["seed"]), bool(nfb_cfg["exclude_self"])
+        self.nfb_seed, self.exclude_self = int(bank.seed), bool(bank.exclude_self)
         self.fused_to_decoder = bool(fused_to_decoder)
         self.loss_form = loss
         channels = tuple(self.teacher.channels)  # student stage i has teacher stage i's channels
@@ -167,11 +193,11 @@ class NFERD(ReverseDistillation):
                     c,
                     c,
                     self.nfb_top_k,
-                    nfb_cfg["weighting"],
-                    float(nfb_cfg["temperature"]),
-                    nfb_cfg["recall"],
-                    bool(nfb_cfg["learn_temperature"]),
-                    bool(nfb_cfg["similarity_grad"]),
+                    weighting,
+                    float(bank.temperature),
+                    recall,
+                    bool(bank.learn_temperature),
+                    bool(bank.similarity_grad),
                 )
                 for c in channels
             )
@@ -180,10 +206,10 @@ class NFERD(ReverseDistillation):
                 fusion,
                 c,
                 self.nfb_enabled,
-                hafm_cfg["merge"],
-                int(hafm_cfg["reduction"]),
-                int(hafm_cfg["kernel_size"]),
-                hafm_cfg["combine"],
+                merge,
+                int(attention.reduction),
+                int(attention.kernel_size),
+                combine,
             )
             for c in channels
         )
@@ -321,4 +347,11 @@ def per_position_cosine_loss(pairs: FeaturePairs) -> Tensor:
     return loss
 
 
-__all__ = ["LOSSES", "NFERD", "per_position_cosine_loss"]
+__all__ = [
+    "LOSSES",
+    "NFERD",
+    "BankSettings",
+    "HAFMSettings",
+    "NFERDLoss",
+    "per_position_cosine_loss",
+]

@@ -15,17 +15,28 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
+from enum import Enum
 
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdad.config import choice
 from kdad.errors import KDADError
+from kdad.models.anomaly_map import Distance
 from kdad.models.base import DistillationModel, FeaturePairs
 from kdad.models.components.backbone import Teacher, resnet_spec
 from kdad.models.components.bottleneck import OneClassBottleneck
 from kdad.models.components.decoder import ReverseDecoder
 
-DECODER_OUTPUTS = ("relu", "linear")
+
+class DecoderOutput(str, Enum):
+    """The decoder's last activation (``model.decoder_output``)."""
+
+    relu = "relu"  # the official decoder
+    linear = "linear"  # no final ReLU (signed teacher stages, e.g. EfficientNet)
+
+
+DECODER_OUTPUTS = tuple(m.value for m in DecoderOutput)
 
 
 def reverse_distillation_loss(pairs: FeaturePairs) -> Tensor:
@@ -71,15 +82,12 @@ class ReverseDistillation(DistillationModel):
         bottleneck_blocks: int | None = None,
         decoder_layers: Sequence[int] | None = None,
         official_unused_layer: bool = True,
-        decoder_output: str = "relu",
-        distance: str = "cosine",
+        decoder_output: DecoderOutput | str = "relu",
+        distance: Distance | str = "cosine",
         anomaly_map: Mapping | None = None,
     ) -> None:
         super().__init__(distance, anomaly_map)
-        if decoder_output not in DECODER_OUTPUTS:
-            raise KDADError(
-                f"model.decoder_output={decoder_output!r}: expected one of {list(DECODER_OUTPUTS)}"
-            )
+        decoder_output = choice(DecoderOutput, decoder_output, "model.decoder_output")
         if len(layers) != 3:
             raise KDADError(
                 f"model.layers={list(layers)}: RD4AD's bottleneck fuses exactly 3 teacher stages"
@@ -121,4 +129,4 @@ class ReverseDistillation(DistillationModel):
         return reverse_distillation_loss(pairs)
 
 
-__all__ = ["DECODER_OUTPUTS", "ReverseDistillation", "reverse_distillation_loss"]
+__all__ = ["DECODER_OUTPUTS", "DecoderOutput", "ReverseDistillation", "reverse_distillation_loss"]

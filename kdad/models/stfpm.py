@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdad.models.anomaly_map import Distance
 from kdad.models.base import DistillationModel, FeaturePairs
 from kdad.models.components.backbone import Teacher, create_feature_extractor
 
@@ -61,7 +62,7 @@ class STFPM(DistillationModel):
         pretrained: bool = True,
         weights_path: str | None = None,
         loss_scale: float = 0.5,
-        distance: str = "normalized_l2",
+        distance: Distance | str = "normalized_l2",
         anomaly_map: Mapping | None = None,
     ) -> None:
         super().__init__(distance, anomaly_map)

@@ -17,6 +17,18 @@ from kdad.models.anomaly_map import (
 )
 
 
+def _composed_anomaly_map(model: str) -> dict:
+    """``model.anomaly_map`` of ``model=<model>`` as kdad-train composes it (schema + YAML)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from kdad.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={model}"])
+    return OmegaConf.to_container(cfg.model.anomaly_map, enum_to_str=True)
+
+
 @pytest.mark.parametrize(
     ("sigma", "size"), [(4.0, (64, 64)), (4.0, (20, 9)), (1.5, (33, 47)), (2.0, (3, 3))]
 )
@@ -75,16 +87,11 @@ def test_generator_smooths_the_fused_map_as_scipy_does(sigma: float, size: tuple
 
 
 def test_rd4ad_config_smooths_its_maps_with_sigma_4() -> None:
-    """conf/model/rd.yaml's map: the sum of the per-layer 1 - cos maps, upsampled with
+    """model=rd's map: the sum of the per-layer 1 - cos maps, upsampled with
     align_corners=True, then scipy's gaussian_filter with the official sigma 4."""
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
     from kdad.models.rd4ad import ReverseDistillation
 
-    conf = OmegaConf.load(Path(__file__).parents[2] / "conf" / "model" / "rd.yaml")
-    anomaly_map = OmegaConf.to_container(conf.model.anomaly_map)
+    anomaly_map = _composed_anomaly_map("rd")
     assert anomaly_map["sigma"] == 4.0  # hq-deng/RD4AD test.py: gaussian_filter(sigma=4)
     torch.manual_seed(0)
     model = ReverseDistillation("resnet18", pretrained=False, anomaly_map=anomaly_map).eval()
@@ -164,14 +171,9 @@ def test_fuse_at_first_layer_is_stfpms_official_order() -> None:
 
 
 def test_stfpm_config_uses_the_official_order() -> None:
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
     from kdad.models.stfpm import STFPM
 
-    conf = OmegaConf.load(Path(__file__).parents[2] / "conf" / "model" / "stfpm.yaml")
-    anomaly_map = OmegaConf.to_container(conf.model.anomaly_map)
+    anomaly_map = _composed_anomaly_map("stfpm")
     assert anomaly_map["fuse_at"] == "first_layer"
     torch.manual_seed(0)
     model = STFPM("resnet18", pretrained=False, anomaly_map=anomaly_map).eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,21 +14,30 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
-from kdad.config import CONFIG_DIR, defaults
+from kdad.config import CONFIG_DIR
 from kdad.data import AnomalyDataModule
 from kdad.errors import KDADError
 from kdad.lightning.loading import load_module
 from kdad.models.components.feature_bank import NormalFeatureBank, select_bank_images
 from kdad.models.components.hafm import FUSIONS, HAFM, StageFusion
-from kdad.models.nferd import NFERD
+from kdad.models.nferd import NFERD, BankSettings
 from kdad.models.rd4ad import ReverseDistillation
 
-NFB_DEFAULTS = defaults("model/nferd.yaml", "model.nfb")
+NFB_DEFAULTS = dataclasses.asdict(BankSettings())
+
+
+def _composed_nfb(model: str) -> dict:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={model}"])
+    return OmegaConf.to_container(cfg.model.nfb, enum_to_str=True)
+
+
 # model=nferd_plus: kdad's variant, nferd's bank settings with its own on top.
-NFB_PLUS = {**NFB_DEFAULTS, **defaults("model/nferd_plus.yaml", "model.nfb")}
+NFB_PLUS = _composed_nfb("nferd_plus")
 
 SIZE = 64
 # The short real run: textures generated at the model's size (quick, no resizing), 30 normal
@@ -252,7 +262,7 @@ def test_both_loss_forms_match_reference_computations() -> None:
 
 
 def test_default_is_the_papers_reading_whole_maps_plain_weights_gradient_through_s() -> None:
-    model = _nferd(nfb={"size": 6, "top_k": 2})  # the shipped defaults (conf/model/nferd.yaml)
+    model = _nferd(nfb={"size": 6, "top_k": 2})  # the shipped defaults (BankSettings)
     model.before_fit(_loader(_images(8)))
     bank = model.banks[0]
     assert bank.recall == "flattened" and bank.log_scale is None and bank.similarity_grad
@@ -502,7 +512,9 @@ def test_model_config_has_the_switches_and_paper_defaults() -> None:
     assert cfg.model_name == "nferd"
     assert cfg.model.backbone == "wide_resnet50_2.tv_in1k" and cfg.data.image_size == 256
     assert set(cfg.model.nfb) >= {"enabled", "size", "top_k", "seed"} and cfg.model.fusion == "hafm"
-    # Every switch is in the YAML, the one home of defaults: a model built without Hydra uses it.
+    # Every switch is a key; its default lives once, in NFERD's signature or BankSettings /
+    # HAFMSettings, and a model built without Hydra uses the same.
+    assert OmegaConf.to_container(cfg.model.nfb, enum_to_str=True) == NFB_DEFAULTS
     net = NFERD(backbone="resnet18", pretrained=False)
     assert net.nfb_size == cfg.model.nfb.size and net.nfb_top_k == cfg.model.nfb.top_k
     # Section 3 as written: flattened recall, plain weights, gradients through S, eq. 3.4 loss.

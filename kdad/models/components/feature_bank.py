@@ -38,15 +38,33 @@ empty buffer of a freshly constructed model to the checkpoint's, so loading alwa
 from __future__ import annotations
 
 import math
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdad.config import choice
 from kdad.errors import KDADError
 
-WEIGHTINGS = ("softmax", "uniform", "linear")
-RECALLS = ("flattened", "per_position")
+
+class Weighting(str, Enum):
+    """The form of ``w`` over the K recalled entries (``model.nfb.weighting``)."""
+
+    softmax = "softmax"  # softmax(S / temperature)
+    uniform = "uniform"  # the mean of the K maps
+    linear = "linear"  # S_k / sum of the K (clamped at 0): the similarities as they are
+
+
+class Recall(str, Enum):
+    """What is compared and recalled (``model.nfb.recall``)."""
+
+    flattened = "flattened"  # section 3: whole maps as vectors, one top-K per image
+    per_position = "per_position"  # the C-vectors at each position, one top-K per position
+
+
+WEIGHTINGS = tuple(m.value for m in Weighting)
+RECALLS = tuple(m.value for m in Recall)
 
 
 class NormalFeatureBank(nn.Module):
@@ -75,19 +93,15 @@ class NormalFeatureBank(nn.Module):
         teacher_channels: int,
         student_channels: int,
         top_k: int = 3,
-        weighting: str = "softmax",
+        weighting: Weighting | str = "softmax",
         temperature: float = 1.0,
-        recall: str = "flattened",
+        recall: Recall | str = "flattened",
         learn_temperature: bool = False,
         similarity_grad: bool = True,
     ) -> None:
         super().__init__()
-        if weighting not in WEIGHTINGS:
-            raise KDADError(
-                f"model.nfb.weighting={weighting!r}: expected one of {list(WEIGHTINGS)}"
-            )
-        if recall not in RECALLS:
-            raise KDADError(f"model.nfb.recall={recall!r}: expected one of {list(RECALLS)}")
+        weighting = choice(Weighting, weighting, "model.nfb.weighting")
+        recall = choice(Recall, recall, "model.nfb.recall")
         if not temperature > 0:
             raise KDADError(f"model.nfb.temperature={temperature!r}: must be > 0")
         self.top_k, self.weighting, self.temperature = int(top_k), weighting, float(temperature)
@@ -281,4 +295,11 @@ def select_bank_images(num_images: int, size: int, seed: int) -> list[int]:
     return sorted(torch.randperm(num_images, generator=generator)[:size].tolist())
 
 
-__all__ = ["RECALLS", "WEIGHTINGS", "NormalFeatureBank", "select_bank_images"]
+__all__ = [
+    "RECALLS",
+    "WEIGHTINGS",
+    "NormalFeatureBank",
+    "Recall",
+    "Weighting",
+    "select_bank_images",
+]

@@ -33,9 +33,12 @@ to fuse and pass the student map through, exactly as RD4AD.
 
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 from torch import Tensor, nn
 
+from kdad.config import choice
 from kdad.errors import KDADError
 from kdad.models.components.attention import (
     CBAM,
@@ -45,9 +48,34 @@ from kdad.models.components.attention import (
 )
 from kdad.models.components.resnet_blocks import conv1x1, kaiming_init
 
-FUSIONS = ("hafm", "cbam", "add", "concat", "none")
-COMBINES = ("add", "mul")
-MERGES = ("add", "concat")
+
+class Fusion(str, Enum):
+    """How a decoder stage fuses the recalled map (``model.fusion``; see the module doc)."""
+
+    hafm = "hafm"
+    cbam = "cbam"
+    add = "add"
+    concat = "concat"
+    none = "none"
+
+
+class Combine(str, Enum):
+    """How HAFM's parallel branches are combined (``model.hafm.combine``)."""
+
+    add = "add"  # x*Mc + x*Ms
+    mul = "mul"  # x*Mc*Ms
+
+
+class Merge(str, Enum):
+    """How s and v enter the attention (``model.hafm.merge``)."""
+
+    add = "add"  # s + v
+    concat = "concat"  # a 1x1 mix of [s ; v]
+
+
+FUSIONS = tuple(m.value for m in Fusion)
+COMBINES = tuple(m.value for m in Combine)
+MERGES = tuple(m.value for m in Merge)
 
 
 class HybridAttention(nn.Module):
@@ -61,12 +89,14 @@ class HybridAttention(nn.Module):
     """
 
     def __init__(
-        self, channels: int, reduction: int = 16, kernel_size: int = 7, combine: str = "add"
+        self,
+        channels: int,
+        reduction: int = 16,
+        kernel_size: int = 7,
+        combine: Combine | str = "add",
     ) -> None:
         super().__init__()
-        if combine not in COMBINES:
-            raise KDADError(f"model.hafm.combine={combine!r}: expected one of {list(COMBINES)}")
-        self.combine = combine
+        self.combine = choice(Combine, combine, "model.hafm.combine")
         self.channel = ChannelAttention(channels, reduction)
         self.spatial = SpatialAttention(kernel_size)
 
@@ -93,19 +123,17 @@ class StageFusion(nn.Module):
 
     def __init__(
         self,
-        mode: str,
+        mode: Fusion | str,
         channels: int,
         fuse_recall: bool,
-        merge: str = "add",
+        merge: Merge | str = "add",
         reduction: int = 16,
         kernel_size: int = 7,
-        combine: str = "add",
+        combine: Combine | str = "add",
     ) -> None:
         super().__init__()
-        if mode not in FUSIONS:
-            raise KDADError(f"model.fusion={mode!r}: expected one of {list(FUSIONS)}")
-        if merge not in MERGES:
-            raise KDADError(f"model.hafm.merge={merge!r}: expected one of {list(MERGES)}")
+        mode = choice(Fusion, mode, "model.fusion")
+        merge = choice(Merge, merge, "model.hafm.merge")
         self.mode, self.fuse_recall = mode, fuse_recall
         # add and concat are merges without attention; hafm and cbam attend to the merged map.
         self.merge = {"add": "add", "concat": "concat"}.get(mode, merge) if fuse_recall else None
@@ -144,10 +172,10 @@ class HAFM(StageFusion):
         self,
         channels: int,
         fuse_recall: bool = True,
-        merge: str = "add",
+        merge: Merge | str = "add",
         reduction: int = 16,
         kernel_size: int = 7,
-        combine: str = "add",
+        combine: Combine | str = "add",
     ) -> None:
         super().__init__("hafm", channels, fuse_recall, merge, reduction, kernel_size, combine)
 
@@ -161,4 +189,14 @@ def _mix(channels: int) -> nn.Sequential:
     return mix
 
 
-__all__ = ["COMBINES", "FUSIONS", "HAFM", "MERGES", "HybridAttention", "StageFusion"]
+__all__ = [
+    "COMBINES",
+    "FUSIONS",
+    "HAFM",
+    "MERGES",
+    "Combine",
+    "Fusion",
+    "HybridAttention",
+    "Merge",
+    "StageFusion",
+]
