@@ -82,6 +82,9 @@ def run_in_process(
                 traceback.print_exc()
                 code = 1
     finally:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().cfg = None  # the command's Hydra state ends with it
         sys.argv = saved_argv
         os.chdir(saved_cwd)
         os.environ.clear()

@@ -87,9 +87,13 @@ def register_resolvers() -> None:
 
 
 def output_dir() -> Path:
+    """This job's run folder; outside a Hydra job (or where Hydra set none, as with ``--cfg``)
+    the working folder."""
+    from omegaconf.errors import MissingMandatoryValue
+
     try:
         return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:
+    except (ValueError, MissingMandatoryValue):
         return Path.cwd()
 
 
