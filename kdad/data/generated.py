@@ -65,19 +65,26 @@ def write_mvtec_tree(
                 )
 
 
-def check_params(what: str, params: dict, defaults: dict, minimum: dict) -> dict:
-    """``params`` over ``defaults``; unknown keys and non-integers below ``minimum`` are errors."""
+def check_params(what: str, params: dict, defaults: dict, min_resolution: int) -> dict:
+    """``params`` over ``defaults`` (a generator's integer parameters: resolution, num_train,
+    num_test_good, num_test_per_defect, seed, ...); unknown keys, non-integers, values below
+    their minimum (``min_resolution`` pixels, one training image, 0 otherwise) and a test set of
+    no images are errors."""
     unknown = sorted(set(params) - set(defaults))
     if unknown:
         raise KDADError(
             f"unknown {what} parameter(s) {', '.join(unknown)}; valid: {', '.join(defaults)}"
         )
     merged = {**defaults, **params}
+    minimum = {"resolution": min_resolution, "num_train": 1}
     for key, value in merged.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum[key]:
-            raise KDADError(
-                f"{what} parameter {key} must be an integer >= {minimum[key]}, got {value!r}"
-            )
+        least = minimum.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise KDADError(f"{what} parameter {key} must be an integer >= {least}, got {value!r}")
+    if merged["num_test_good"] + merged["num_test_per_defect"] == 0:
+        raise KDADError(
+            f"{what} parameters num_test_good and num_test_per_defect are both 0; no test set"
+        )
     return merged
 
 

@@ -423,18 +423,7 @@ def ensure_photos(root: str | Path, category: str, **params: int) -> Path:
         raise KDADError(
             f"unknown photos category '{category}'; valid: {', '.join(PHOTO_CATEGORIES)}"
         )
-    minimum = {
-        "resolution": 32,
-        "num_train": 1,
-        "num_test_good": 0,
-        "num_test_per_defect": 0,
-        "seed": 0,
-    }
-    params = check_params("photos", params, DEFAULT_PARAMS, minimum)
-    if params["num_test_good"] + params["num_test_per_defect"] == 0:
-        raise KDADError(
-            "photos parameters num_test_good and num_test_per_defect are both 0; no test set"
-        )
+    params = check_params("photos", params, DEFAULT_PARAMS, min_resolution=32)
     base = Path(root).expanduser() / (
         f"v{GENERATOR_VERSION}-res{params['resolution']}-train{params['num_train']}"
         f"-good{params['num_test_good']}-defect{params['num_test_per_defect']}-seed{params['seed']}"

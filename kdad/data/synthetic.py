@@ -354,22 +354,6 @@ def _generate(folder: Path, category: str, params: dict) -> None:
     write_mvtec_tree(folder, params, DEFECT_TYPES, render, lambda p, a: _write_png(p, a))
 
 
-def _check_params(params: dict) -> dict:
-    minimum = {
-        "resolution": 16,
-        "num_train": 1,
-        "num_test_good": 0,
-        "num_test_per_defect": 0,
-        "seed": 0,
-    }
-    merged = check_params("synthetic", params, DEFAULT_PARAMS, minimum)
-    if merged["num_test_good"] + merged["num_test_per_defect"] == 0:
-        raise KDADError(
-            "synthetic parameters num_test_good and num_test_per_defect are both 0; no test set"
-        )
-    return merged
-
-
 def ensure_synthetic(root: str | Path, category: str, **params: int) -> Path:
     """Generate synthetic ``category`` under ``root`` unless already there; returns the
     dataset root to pass to :func:`~kdad.data.layouts.mvtec_samples`.
@@ -382,7 +366,7 @@ def ensure_synthetic(root: str | Path, category: str, **params: int) -> Path:
         raise KDADError(
             f"unknown synthetic category '{category}'; valid: {', '.join(SYNTHETIC_CATEGORIES)}"
         )
-    params = _check_params(params)
+    params = check_params("synthetic", params, DEFAULT_PARAMS, min_resolution=16)
     base = Path(root).expanduser() / (
         f"v{GENERATOR_VERSION}-res{params['resolution']}-train{params['num_train']}"
         f"-good{params['num_test_good']}-defect{params['num_test_per_defect']}-seed{params['seed']}"

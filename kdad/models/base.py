@@ -12,6 +12,7 @@ A variant is a plain ``nn.Module`` holding a frozen ``teacher`` and trainable st
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,16 @@ from kdad.errors import KDADError
 from kdad.models.anomaly_map import DISTANCES, AnomalyMapGenerator, Distance
 
 FeaturePairs = list[tuple[Tensor, Tensor]]
+
+
+def batch_images(batch: Any) -> Tensor:
+    """The image tensor of a batch: kdad's dict batches, (images, ...) tuples or a bare tensor
+    (what the models that read a training loader themselves, NFERD's bank and kNN's, get)."""
+    if isinstance(batch, Mapping):
+        return batch["image"]
+    if isinstance(batch, list | tuple):
+        return batch[0]
+    return batch
 
 
 class DistillationModel(nn.Module):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from enum import Enum
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,7 @@ from torch import Tensor
 
 from kdad.config import choice
 from kdad.errors import KDADError
-from kdad.models.base import DistillationModel, FeaturePairs
+from kdad.models.base import DistillationModel, FeaturePairs, batch_images
 from kdad.models.components.backbone import Teacher
 
 log = logging.getLogger("kdad")
@@ -49,14 +48,6 @@ class Sampling(str, Enum):
 
 
 SAMPLINGS = tuple(m.value for m in Sampling)
-
-
-def _batch_images(batch: Any) -> Tensor:
-    if isinstance(batch, Mapping):
-        return batch["image"]
-    if isinstance(batch, list | tuple):
-        return batch[0]
-    return batch
 
 
 def greedy_coreset(features: Tensor, size: int, projection_dim: int, seed: int) -> Tensor:
@@ -184,7 +175,7 @@ class NearestNeighbourReference(DistillationModel):
         rows = []
         device = self.bank.device
         for batch in train_loader:
-            patches = self.patch_features(_batch_images(batch).to(device))
+            patches = self.patch_features(batch_images(batch).to(device))
             rows.append(patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1]).cpu())
         if not rows:
             raise KDADError("model=knn: no training images to build the memory bank from")

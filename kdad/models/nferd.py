@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Subset
 from kdad.config import choice, settings
 from kdad.errors import KDADError
 from kdad.models.anomaly_map import Distance
-from kdad.models.base import FeaturePairs
+from kdad.models.base import FeaturePairs, batch_images
 from kdad.models.components.feature_bank import (
     NormalFeatureBank,
     Recall,
@@ -100,15 +100,6 @@ class HAFMSettings:
     combine: Combine | str = "add"  # parallel branches: x*Mc + x*Ms, or x*Mc*Ms (choice)
     reduction: int = 16  # channel-attention MLP reduction (CBAM's)
     kernel_size: int = 7  # spatial-attention conv (CBAM's)
-
-
-def _images(batch: Any) -> Tensor:
-    """The image tensor of a batch: kdad's dict batches, (images, ...) tuples or a bare tensor."""
-    if isinstance(batch, Mapping):
-        return batch["image"]
-    if isinstance(batch, list | tuple):
-        return batch[0]
-    return batch
 
 
 class NFERD(ReverseDistillation):
@@ -266,7 +257,7 @@ class NFERD(ReverseDistillation):
         device = next(self.teacher.parameters()).device
         per_stage: list[list[Tensor]] = [[] for _ in self.banks]
         for batch in loader:
-            for stage, maps in enumerate(self.teacher(_images(batch).to(device))):
+            for stage, maps in enumerate(self.teacher(batch_images(batch).to(device))):
                 per_stage[stage].append(maps)
         teacher_maps = [torch.cat(maps) for maps in per_stage]
         for bank, maps, size in zip(

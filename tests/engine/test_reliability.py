@@ -158,16 +158,21 @@ def test_config_mistakes_are_one_line_before_any_work(
     assert not (tmp_path / "checkpoints").exists()  # nothing was trained
 
 
-def test_a_corrupt_test_image_is_found_before_training(env: dict[str, str], tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    root = ensure_synthetic(
+def _small_synthetic(cache: Path, category: str) -> Path:
+    """A 64 px synthetic category (16 training images, 6 good and 2 per defect in test)."""
+    return ensure_synthetic(
         cache / "synthetic",
-        "dots",
+        category,
         resolution=64,
         num_train=16,
         num_test_good=6,
         num_test_per_defect=2,
     )
+
+
+def test_a_corrupt_test_image_is_found_before_training(env: dict[str, str], tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    root = _small_synthetic(cache, "dots")
     bad = sorted((root / "dots" / "test").rglob("*.png"))[-1]
     bad.write_bytes(bad.read_bytes()[:100])  # truncated
     out = tmp_path / "run"
@@ -188,14 +193,7 @@ def test_a_mask_of_the_wrong_size_is_found_before_training(
     from PIL import Image
 
     cache = tmp_path / "cache"
-    root = ensure_synthetic(
-        cache / "synthetic",
-        "dots",
-        resolution=64,
-        num_train=16,
-        num_test_good=6,
-        num_test_per_defect=2,
-    )
+    root = _small_synthetic(cache, "dots")
     mask = sorted((root / "dots" / "ground_truth").rglob("*_mask.png"))[0]
     Image.new("L", (64, 32)).save(mask)  # another image's mask: 64x32 for a 64x64 image
     out = tmp_path / "run"
@@ -237,14 +235,7 @@ def test_sweep_with_a_killed_and_a_failing_job_continues_when_run_again(
     accounts for all four."""
     cache = tmp_path / "cache"
     env = {**env, "KDAD_CACHE_DIR": str(cache)}
-    root = ensure_synthetic(
-        cache / "synthetic",
-        "wood",
-        resolution=64,
-        num_train=16,
-        num_test_good=6,
-        num_test_per_defect=2,
-    )
+    root = _small_synthetic(cache, "wood")
     bad = sorted((root / "wood" / "test" / "good").glob("*.png"))[0]
     bad.write_bytes(b"not a png")
     sweep = tmp_path / "sweep"
