@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +88,34 @@ def check_params(what: str, params: dict, defaults: dict, min_resolution: int) -
     return merged
 
 
+def ensure_generated(
+    what: str,
+    root: str | Path,
+    category: str,
+    categories: Sequence[str],
+    params: dict,
+    defaults: dict,
+    min_resolution: int,
+    version: int,
+    generate: Callable[[Path, str, dict], None],
+    marker_name: str,
+) -> Path:
+    """A generator's ``category`` under ``root`` (``generate(folder, category, params)`` unless a
+    tree made with the same parameters is there); each parameter set has its own sub-folder of
+    ``root``, so changing one never reuses (or destroys) another set's images."""
+    if category not in categories:
+        raise KDADError(f"unknown {what} category '{category}'; valid: {', '.join(categories)}")
+    params = check_params(what, params, defaults, min_resolution)
+    base = Path(root).expanduser() / (
+        f"v{version}-res{params['resolution']}-train{params['num_train']}"
+        f"-good{params['num_test_good']}-defect{params['num_test_per_defect']}-seed{params['seed']}"
+    )
+    marker = {"generator_version": version, "category": category, **params}
+    return ensure_tree(
+        base, category, marker, lambda folder: generate(folder, category, params), marker_name
+    )
+
+
 def marker_ok(folder: Path, marker: dict, name: str = MARKER) -> bool:
     try:
         return json.loads((folder / name).read_text()) == marker
@@ -154,4 +182,12 @@ def publish(tmp: Path, target: Path, marker: dict, marker_name: str = MARKER) ->
         shutil.rmtree(trash, ignore_errors=True)
 
 
-__all__ = ["MARKER", "check_params", "ensure_tree", "stable_rng", "write_mvtec_tree", "write_png"]
+__all__ = [
+    "MARKER",
+    "check_params",
+    "ensure_generated",
+    "ensure_tree",
+    "stable_rng",
+    "write_mvtec_tree",
+    "write_png",
+]

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kdad.data.generated import check_params, ensure_tree, stable_rng, write_mvtec_tree
+from kdad.data.generated import ensure_generated, stable_rng, write_mvtec_tree
 from kdad.errors import KDADError
 
 GENERATOR_VERSION = 1  # bump when the images change, so old caches are not reused
@@ -419,18 +419,17 @@ def ensure_photos(root: str | Path, category: str, **params: int) -> Path:
     ``params``: resolution (256), num_train (100), num_test_good (30), num_test_per_defect
     (10), seed (0); each parameter set has its own sub-folder of ``root``.
     """
-    if category not in PHOTO_SOURCES:
-        raise KDADError(
-            f"unknown photos category '{category}'; valid: {', '.join(PHOTO_CATEGORIES)}"
-        )
-    params = check_params("photos", params, DEFAULT_PARAMS, min_resolution=32)
-    base = Path(root).expanduser() / (
-        f"v{GENERATOR_VERSION}-res{params['resolution']}-train{params['num_train']}"
-        f"-good{params['num_test_good']}-defect{params['num_test_per_defect']}-seed{params['seed']}"
-    )
-    marker = {"generator_version": GENERATOR_VERSION, "category": category, **params}
-    return ensure_tree(
-        base, category, marker, lambda folder: _generate(folder, category, params), MARKER
+    return ensure_generated(
+        "photos",
+        root,
+        category,
+        PHOTO_CATEGORIES,
+        params,
+        DEFAULT_PARAMS,
+        min_resolution=32,
+        version=GENERATOR_VERSION,
+        generate=_generate,
+        marker_name=MARKER,
     )
 
 

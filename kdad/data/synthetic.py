@@ -21,14 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdad.data.generated import (
-    check_params,
-    ensure_tree,
-    stable_rng,
-    write_mvtec_tree,
-    write_png,
-)
-from kdad.errors import KDADError
+from kdad.data.generated import ensure_generated, stable_rng, write_mvtec_tree, write_png
 
 GENERATOR_VERSION = 1  # bump when the images change, so old caches are not reused
 SYNTHETIC_CATEGORIES = ("stripes", "checker", "cells", "weave", "wood", "dots")
@@ -362,17 +355,16 @@ def ensure_synthetic(root: str | Path, category: str, **params: int) -> Path:
     seed (0). Each parameter set lives in its own sub-folder of ``root``, so changing one
     never reuses (or destroys) another set's images.
     """
-    if category not in SYNTHETIC_CATEGORIES:
-        raise KDADError(
-            f"unknown synthetic category '{category}'; valid: {', '.join(SYNTHETIC_CATEGORIES)}"
-        )
-    params = check_params("synthetic", params, DEFAULT_PARAMS, min_resolution=16)
-    base = Path(root).expanduser() / (
-        f"v{GENERATOR_VERSION}-res{params['resolution']}-train{params['num_train']}"
-        f"-good{params['num_test_good']}-defect{params['num_test_per_defect']}-seed{params['seed']}"
-    )
-    marker = {"generator_version": GENERATOR_VERSION, "category": category, **params}
     # _generate looked up at call time (tests replace it).
-    return ensure_tree(
-        base, category, marker, lambda folder: _generate(folder, category, params), MARKER
+    return ensure_generated(
+        "synthetic",
+        root,
+        category,
+        SYNTHETIC_CATEGORIES,
+        params,
+        DEFAULT_PARAMS,
+        min_resolution=16,
+        version=GENERATOR_VERSION,
+        generate=lambda folder, name, merged: _generate(folder, name, merged),
+        marker_name=MARKER,
     )
