@@ -61,7 +61,30 @@ def mean_std(values: list[float]) -> str:
 
 
 def variants_table(rows: list[dict], keys: tuple[str, ...] = ()) -> list[str]:
-    """Mean ± std over seeds of the per-seed means over categories, the kNN row beside."""
+    """Mean ± std over seeds of the per-seed means over categories, the kNN row beside; only
+    the (category, seed) pairs that every row has count, so that the rows compare like with
+    like while a stage is unfinished (the per-category table shows everything)."""
+    names = {label(run, keys if run["model"] != REFERENCE else ()) for run in rows}
+    pairs: dict[str, set[tuple[str, int]]] = defaultdict(set)
+    for run in rows:
+        name = label(run, keys if run["model"] != REFERENCE else ())
+        pairs[name].add((run["category"], int(run["seed"])))
+    common = set.intersection(*(pairs[n] for n in names)) if names else set()
+    if not common:
+        return ["No category and seed has every row of this table yet (see per category)."]
+    left_out = sorted({p for n in names for p in pairs[n]} - common)
+    rows = [r for r in rows if (r["category"], int(r["seed"])) in common]
+    caption = [
+        f"Over the categories {', '.join(sorted({c for c, _ in common}))} and seeds "
+        f"{', '.join(str(s) for s in sorted({s for _, s in common}))}: the ones every row has.",
+        "",
+    ]
+    if left_out:
+        caption[0] += (
+            f" Not in this table ({len(left_out)} category/seed pairs some rows lack): "
+            + ", ".join(f"{c} seed {s}" for c, s in left_out)
+            + "."
+        )
     by_variant: dict[str, dict[int, dict[str, list[float]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
     )
@@ -73,6 +96,7 @@ def variants_table(rows: list[dict], keys: tuple[str, ...] = ()) -> list[str]:
             by_variant[name][int(run["seed"])][metric].append(run[metric])
     reference = next((n for n in by_variant if n == REFERENCE), None)
     out = [
+        *caption,
         "| variant | seeds | categories | "
         + " | ".join(NAMES[m] for m in METRICS)
         + " | image AUROC vs kNN |",
@@ -154,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Written by `python experiments/photos/summary.py` from `results/<stage>/<run>/metrics.json`.",
         "Metrics in %, mean ± std over seeds (a seed's value: the mean over the table's",
-        "categories); `image AUROC vs kNN`: the row's mean minus the kNN line's, in points.",
+        "categories; a table holds only the category/seed pairs all its rows have);",
+        "`image AUROC vs kNN`: the row's mean minus the kNN line's, in points.",
         "",
     ]
     lines += convergence()
