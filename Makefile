@@ -34,11 +34,14 @@ install: $(STAMP)
 train: install
 	$(BIN)/kdad-train experiment=demo $(ARGS)
 
+# Two workers, one thread each (small CPU tests use two cores better that way); the tests of an
+# xdist_group stay together and in order on one worker (tests/test_readme_commands.py's do).
+WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-all: install
-	$(BIN)/python -m pytest -m "slow or not slow" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup -m "slow or not slow" $(PYTEST_ARGS)
 
 # Before a release: the lowest declared versions of the Python-level dependencies
 # (tests/floors.sh; FLOOR_TORCH=1 adds torch and torchvision, several GB).

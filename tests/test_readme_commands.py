@@ -22,6 +22,9 @@ from pathlib import Path
 import pytest
 from clirun import run_in_process
 
+# One worker runs this file's commands, in order (make test: pytest-xdist --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("readme_commands")
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted(ROOT.glob("experiments/*/README.md"))]
 DOCS += sorted(ROOT.glob("kdad/**/README.md"))
