@@ -386,7 +386,11 @@ def _deferred(path: str) -> Callable[[DictConfig], Any]:
     module_name, _, name = path.partition(":")
 
     def call(cfg: DictConfig) -> Any:
-        return getattr(importlib.import_module(module_name), name)(cfg)
+        function = getattr(importlib.import_module(module_name), name)
+        from kdad.engine.console import one_console_for_lightning
+
+        one_console_for_lightning()  # the task's module has imported Lightning
+        return function(cfg)
 
     call.__name__ = name
     return call
