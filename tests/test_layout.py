@@ -203,14 +203,14 @@ def test_tests_mirror_the_package() -> None:
 
 def test_commands_start_without_importing_lightning_or_torch() -> None:
     """--help, --cfg, --version and a shell completion's TAB compose configs only: the
-    commands import their work (Lightning, torch) when a job runs (entry_point's deferred
+    commands import their work (Lightning, torch, numpy) when a job runs (entry_point's deferred
     task), so a TAB does not wait for them (measured: experiments/benchmark/completion.py)."""
     import subprocess
     import sys
 
     code = (
         "import sys, kdad.cli.train, kdad.cli.eval, kdad.cli.predict, kdad.cli.export, "
-        "kdad.cli.download; print(sorted(m for m in ('lightning', 'torch', 'timm') "
+        "kdad.cli.download; print(sorted(m for m in ('lightning', 'torch', 'timm', 'numpy') "
         "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -18,11 +18,12 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from kdad.errors import DISK_FULL
+
+if TYPE_CHECKING:  # numpy is imported where an array is written: commands start without it
+    import numpy as np
 
 
 def _umask() -> int:
@@ -137,6 +138,8 @@ def write_figure_atomic(fig: Any, path: str | Path, dpi: int = 110) -> Path:
 
 def write_npz_atomic(target: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
     """Named arrays as a compressed ``.npz``."""
+    import numpy as np
+
     with atomic_path(target, suffix=".npz") as tmp, open(tmp, "wb") as handle:
         np.savez_compressed(handle, **arrays)
     return Path(target)
