@@ -32,6 +32,7 @@ from pathlib import Path
 
 from kdad.engine.aggregate import MEAN_SPREADS, PRINT_FORMATS, summarize
 from kdad.errors import KDADError
+from kdad.io.run_folder import METRICS
 
 _BOOLEAN = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 # key=value keys: those with a value, and the switches (the flag a true or false value gives).
@@ -86,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--entity", default=None, help="W&B entity (team or user)")
     add("--group", default=None, help="W&B group (default: the runs' group, else DIR's name)")
     add("--pivot", help="model, data, category, seed or a config key: a column per value")
-    add("--metrics", help="comma-separated metrics.json keys (default: every metric)")
+    add("--metrics", help=f"comma-separated {METRICS} keys (default: every metric)")
     add("--mean-spread", choices=MEAN_SPREADS, default=argparse.SUPPRESS, help="mean rows' ±")
     add("--print", dest="print_format", choices=PRINT_FORMATS, default=argparse.SUPPRESS)
     add("--defects", action="store_true", help="also print the per-defect-type table")

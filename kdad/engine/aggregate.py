@@ -59,6 +59,7 @@ from kdad.engine.wandb import offline_unless_configured
 from kdad.errors import KDADError, one_line
 from kdad.io.atomic import write_csv_atomic, write_text_atomic
 from kdad.io.results import METRIC_KEYS
+from kdad.io.run_folder import CONFIG, FAILED, INTERRUPTED, METRICS, SCORES, RunFolder, SweepFolder
 from kdad.viz.plots import FIGURE_FORMATS, METRIC_LABELS, check_formats
 
 log = logging.getLogger("kdad")
@@ -111,6 +112,10 @@ class Run:
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def files(self) -> RunFolder:
+        return RunFolder(self.folder)
+
+    @property
     def model(self) -> str:
         return str(self.metrics.get("model", "?"))
 
@@ -134,38 +139,46 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
         ) from exc
     runs: list[Run] = []
     missing: list[tuple[Path, str]] = []
-    for path in sorted(root.rglob("metrics.json")):
+    for path in sorted(root.rglob(METRICS)):
         problem = None
         try:
             metrics = json.loads(path.read_text())
             if not isinstance(metrics, dict) or not isinstance(metrics.get("model"), str):
-                problem = "metrics.json is not a kdad metrics object (no model name)"
-            config_path = path.parent / "config.yaml"
+                problem = f"{METRICS} is not a kdad metrics object (no model name)"
+            config_path = RunFolder(path.parent).config
             config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
             if not isinstance(config or {}, dict):
-                problem = "config.yaml is not a mapping"
+                problem = f"{CONFIG} is not a mapping"
         except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
-            problem = f"unreadable metrics.json or config.yaml ({type(exc).__name__}: {one_line(exc)[:120]})"
+            problem = (
+                f"unreadable {METRICS} or {CONFIG} ({type(exc).__name__}: {one_line(exc)[:120]})"
+            )
         if problem is not None:
             print(f"kdad-aggregate: warning: skipping {path.parent}: {problem}", file=sys.stderr)
             missing.append((path.parent, problem))
             continue
         runs.append(Run(path.parent, metrics, flatten(config or {})))
     done = {run.folder for run in runs} | {folder for folder, _ in missing}
-    job_folders = {p.parent for p in root.rglob(".hydra")} | {
-        p.parent for p in root.rglob("FAILED")
-    }
-    for folder in sorted(job_folders - done):
-        if folder == root and any(root.iterdir()) and not (folder / "FAILED").exists():
-            continue  # the sweep folder itself (its own .hydra holds the sweep config)
-        failed = folder / "FAILED"
-        reason = (
-            failed.read_text().strip()
-            if failed.is_file()
-            else "no metrics.json (unfinished or crashed)"
-        )
-        missing.append((folder, reason))
+    jobs = SweepFolder(root).jobs()  # the job folders below root
+    itself = RunFolder(root)  # root is a run that stopped itself (a marked run folder)
+    if itself.failed.exists() or itself.interrupted.exists():
+        jobs.insert(0, itself)
+    for job in jobs:
+        if job.path not in done:
+            missing.append((job.path, _unfinished(job)))
     return runs, missing
+
+
+def _unfinished(job: RunFolder) -> str:
+    """Why a job folder holds no results, from its status."""
+    status = job.status
+    if status == "failed":
+        return job.reason(FAILED) or "failed"
+    if status == "interrupted":
+        return f"interrupted: {job.reason(INTERRUPTED)}"
+    if status == "running":
+        return "still running (another process holds its folder)"
+    return f"no {METRICS} (unfinished or crashed)"
 
 
 def _varying(runs: Sequence[Run], exclude: Iterable[str] = ()) -> list[str]:
@@ -344,7 +357,7 @@ def defect_rows(
     labels = variant_labels(runs) if labels is None else labels
     per_run = {}
     for run in runs:
-        scores = _read_scores(run.folder / "scores.csv")
+        scores = _read_scores(run.files.scores)
         if scores:
             per_run[run.folder] = _defect_aurocs(scores)
     types: dict[tuple[str, str], set[str]] = defaultdict(set)
@@ -744,7 +757,7 @@ def pivot_plan(
         hint = f"; config keys that vary here: {', '.join(varying[:12])}" if varying else ""
         raise KDADError(
             f"pivot={key}: unknown key; expected {', '.join(PIVOT_FIELDS)} "
-            f"or a key of the runs' config.yaml{hint}"
+            f"or a key of the runs' {CONFIG}{hint}"
         )
     columns = {run.folder: str(run.config.get(key, UNSET)) for run in runs}
     return "column", variant_labels(runs, exclude=(key,)), columns
@@ -780,11 +793,11 @@ def write_plots(
     with_curves: set[tuple[str, str, str]] = set()
     for run in sorted(runs, key=lambda r: _natural(r.seed)):  # the first seed of each
         label = labels[run.folder]
-        npz = run.folder / "images" / "samples.npz"
+        npz = run.files.samples
         if npz.is_file() and label not in samples[run.cell]:
             with np.load(npz) as arrays:
                 samples[run.cell][label] = {name: arrays[name] for name in arrays.files}
-        curve_file = run.folder / "curves.json"
+        curve_file = run.files.curves
         if curve_file.is_file() and (*run.cell, label) not in with_curves:
             try:
                 found = json.loads(curve_file.read_text())
@@ -939,7 +952,7 @@ def summarize(
     if not runs:
         reasons = "; ".join(f"{folder}: {reason}" for folder, reason in missing[:5])
         raise KDADError(
-            f"no metrics.json under {root}" + (f" (missing: {reasons})" if reasons else "")
+            f"no {METRICS} under {root}" + (f" (missing: {reasons})" if reasons else "")
         )
     plan = pivot_plan(runs, pivot) if pivot else None  # an unknown key fails before writing
     rows = aggregate(runs, mean_spread=mean_spread)
@@ -980,7 +993,7 @@ def summarize(
     for output in outputs:
         notes.append("wrote " + ", ".join(str(p) for p in write_output(root, output)))
     if defects and printed[-1] is None:
-        notes.append("no per-defect rows: no category's scores.csv holds two defect types")
+        notes.append(f"no per-defect rows: no category's {SCORES} holds two defect types")
     elif per_defect and not defects:
         notes.append("per defect type: see aggregate_defects.md (--defects prints it)")
     if missing and print_format != "md":

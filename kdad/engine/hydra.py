@@ -11,7 +11,6 @@ one line and exit status 2 as well (:func:`config_errors_in_one_line`).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -30,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdad.engine import wandb as kdad_wandb
 from kdad.errors import Interrupted, KDADError, disk_full, one_line
 from kdad.io import run_folder
-from kdad.io.atomic import write_text_atomic
+from kdad.io.run_folder import RunFolder, SweepFolder
 
 log = logging.getLogger("kdad")
 
@@ -108,7 +107,7 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             message = one_line(exc)
             print(f"kdad: interrupted: {message}", file=sys.stderr, flush=True)
             with contextlib.suppress(OSError):
-                write_text_atomic(output_dir() / run_folder.INTERRUPTED, message + "\n")
+                RunFolder(output_dir()).mark(run_folder.INTERRUPTED, message)
             if is_multirun():  # the process is being stopped: start no further job
                 with contextlib.suppress(Exception):
                     write_sweep_status(Path(HydraConfig.get().sweep.dir))
@@ -129,7 +128,7 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             return result
         print(f"kdad: error: {message}", file=sys.stderr, flush=True)
         with contextlib.suppress(OSError):
-            write_text_atomic(output_dir() / run_folder.FAILED, message + "\n")
+            RunFolder(output_dir()).mark(run_folder.FAILED, message)
         FAILED.append(message)
         return float("nan")
 
@@ -137,7 +136,7 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         try:
             return run(cfg)
         finally:
-            run_folder.unlock(output_dir())  # the folder's lock ends with the job
+            RunFolder(output_dir()).unlock()  # the folder's lock ends with the job
 
     wrapper.__name__ = getattr(task, "__name__", "task")
     return wrapper
@@ -279,39 +278,28 @@ def exit_if_failed() -> None:
     if FAILED:
         if len(FAILED) > 1:
             print(
-                f"kdad: {len(FAILED)} job(s) failed (see FAILED files in the sweep folder)",
+                f"kdad: {len(FAILED)} job(s) failed (see {run_folder.FAILED} files in the sweep "
+                "folder)",
                 file=sys.stderr,
             )
         sys.exit(2)
 
 
 def write_sweep_status(sweep: Path) -> list[dict[str, str]]:
-    """``sweep_status.json``: how many jobs have a folder, which finished, which failed and
-    why, which were interrupted; returns the failed ones."""
-    jobs = sorted(p.parent for p in sweep.rglob(".hydra") if p.parent != sweep)
-
-    def marked(mark: str) -> list[dict[str, str]]:
-        return [
-            {"folder": str(job), "reason": (job / mark).read_text().strip()}
-            for job in jobs
-            if (job / mark).is_file() and not (job / "metrics.json").is_file()
-        ]
-
-    failed, interrupted = marked("FAILED"), marked("INTERRUPTED")
-    finished = [str(job) for job in jobs if (job / "metrics.json").is_file()]
-    status = {"jobs": len(jobs), "finished": len(finished), "failed": failed}
-    if interrupted:
-        status["interrupted"] = interrupted
-    write_text_atomic(sweep / "sweep_status.json", json.dumps(status, indent=2) + "\n")
+    """``sweep_status.json`` (:meth:`~kdad.io.run_folder.SweepFolder.write_status`): how many
+    jobs have a folder, which finished, which failed and why, which were interrupted; returns
+    the failed ones."""
+    status = SweepFolder(sweep).write_status()
+    interrupted = status.get("interrupted", [])
     log.info(
         "sweep %s: %d jobs, %d finished, %d failed%s",
         sweep,
-        len(jobs),
-        len(finished),
-        len(failed),
+        status["jobs"],
+        status["finished"],
+        len(status["failed"]),
         f", {len(interrupted)} interrupted" if interrupted else "",
     )
-    return failed
+    return status["failed"]
 
 
 class SweepReport(Callback):

@@ -25,10 +25,10 @@ from kdad.engine import hydra as kdad_hydra
 from kdad.engine import validate
 from kdad.engine import wandb as kdad_wandb
 from kdad.errors import Interrupted, KDADError
-from kdad.io import run_folder
 from kdad.io.atomic import write_json_atomic, write_text_atomic
 from kdad.io.checkpoint import checkpoint_model_name, read_checkpoint, write_checkpoint
 from kdad.io.results import build_results
+from kdad.io.run_folder import METRICS, RunFolder, resolve_checkpoint
 from kdad.lightning.callbacks import (
     SaveOnInterrupt,
     SpeedMonitor,
@@ -128,7 +128,7 @@ def write_run_results(
         params_total=module.net.num_parameters(),
     )
     if trainer.is_global_zero:
-        write_json_atomic(kdad_hydra.output_dir() / "metrics.json", results)
+        write_json_atomic(RunFolder(kdad_hydra.output_dir()).metrics, results)
         kdad_wandb.log_results(trainer.loggers, results)
     log.info(
         "results: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}
@@ -142,25 +142,19 @@ def _optimized(cfg: DictConfig, results: dict[str, Any]) -> float | None:
     if not metric:
         return None
     if metric not in results:
-        raise KDADError(f"optimized_metric={metric}: not a metrics.json key ({', '.join(results)})")
+        raise KDADError(f"optimized_metric={metric}: not a {METRICS} key ({', '.join(results)})")
     return float(results[metric])
 
 
-def resume_path(cfg: DictConfig, ckpt_dir: Path) -> str | None:
-    """The checkpoint to resume from: ``last`` (this run folder's last.ckpt), a run folder
-    (its checkpoints/last.ckpt) or a checkpoint file; checked to be a kdad checkpoint of the
+def resume_path(cfg: DictConfig, out: RunFolder) -> str | None:
+    """The checkpoint to resume from (``out``: this run's folder): ``last`` (out's last.ckpt),
+    a run folder (its checkpoints/last.ckpt) or a checkpoint file
+    (:func:`~kdad.io.run_folder.resolve_checkpoint`); checked to be a kdad checkpoint of the
     configured variant before Lightning reads it."""
     if not cfg.get("ckpt_path"):
         return None
     given = str(cfg.ckpt_path)
-    path = ckpt_dir / "last.ckpt" if given == "last" else Path(given).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        hint = (
-            " (pass hydra.run.dir=<the run folder> with ckpt_path=last)" if given == "last" else ""
-        )
-        raise KDADError(f"ckpt_path={given}: no checkpoint at {path}{hint}")
+    path = resolve_checkpoint(given, resume=out)
     checkpoint = read_checkpoint(path, allow_unsigned=bool(cfg.allow_unsigned))
     name = checkpoint_model_name(checkpoint)
     if name != str(cfg.model_name):
@@ -223,43 +217,43 @@ def _thresholds_for_best(
     return best_thresholds
 
 
-def _previous(cfg: DictConfig, out: Path) -> tuple[str, Any]:
+def _previous(cfg: DictConfig, out: RunFolder) -> tuple[str, Any]:
     """What ``resume=auto`` finds in the run folder: ("finished", metrics), ("unfinished",
     its last.ckpt) or ("new", None). A re-run multirun command continues where it stopped."""
     if cfg.resume == "never" or cfg.get("ckpt_path"):
         return "new", None
-    metrics = out / "metrics.json"
+    metrics = out.metrics
     if metrics.is_file():
         try:
             return "finished", json.loads(metrics.read_text())
         except (OSError, ValueError):
             log.warning("%s is unreadable: the run is trained again", metrics)
-    last = out / "checkpoints" / "last.ckpt"
-    return ("unfinished", last) if last.is_file() else ("new", None)
+    return ("unfinished", out.last) if out.last.is_file() else ("new", None)
 
 
 def train(cfg: DictConfig) -> float | None:
     """Fit, test and write metrics.json; return ``cfg.optimized_metric`` for sweepers."""
     validate.check_train(cfg)  # config mistakes before any work
-    out = kdad_hydra.output_dir()
-    run_folder.lock(out)  # one run per folder
+    out = RunFolder(kdad_hydra.output_dir())
+    out.lock()  # one run per folder
     state, found = _previous(cfg, out)
     if state == "finished":
         log.info(
-            "%s already holds a finished run (metrics.json): skipped (resume=never, or delete "
-            "metrics.json, to train it again)",
-            out,
+            "%s already holds a finished run (%s): skipped (resume=never, or delete %s, to "
+            "train it again)",
+            out.path,
+            METRICS,
+            METRICS,
         )
         return _optimized(cfg, found)
     if state == "unfinished":
-        log.info("resume=auto: %s holds an unfinished run; resuming from %s", out, found)
+        log.info("resume=auto: %s holds an unfinished run; resuming from %s", out.path, found)
         with open_dict(cfg):
             cfg.ckpt_path = str(found)
-    ckpt_dir = out / "checkpoints"
-    resume = resume_path(cfg, ckpt_dir)  # a checkpoint that does not fit, before any work
-    write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    resume = resume_path(cfg, out)  # a checkpoint that does not fit, before any work
+    write_text_atomic(out.config, OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(int(cfg.seed), workers=True)
-    kdad_wandb.prepare(cfg, out)
+    kdad_wandb.prepare(cfg, out.path)
     fitter = ThresholdFitter(kdad_thresholds.settings(cfg.get("thresholds")))
 
     datamodule = validate.built("data", lambda: instantiate_data(cfg.data))
@@ -277,7 +271,7 @@ def train(cfg: DictConfig) -> float | None:
     ):
         cfg.callbacks.model_checkpoint.monitor = None  # nothing to monitor without validation
 
-    run_folder.clear_marks(out)  # a FAILED/INTERRUPTED of an earlier attempt is history now
+    out.clear_marks()  # a FAILED/INTERRUPTED of an earlier attempt is history now
     module = validate.built(f"model={cfg.model_name}", lambda: build_module(cfg))
     validate.check_input_size(
         module.net,
@@ -286,7 +280,7 @@ def train(cfg: DictConfig) -> float | None:
     )
     kdad_hydra.prepare_ddp_relaunch()
     speed = SpeedMonitor()
-    saver = SaveOnInterrupt(ckpt_dir / "last.ckpt")
+    saver = SaveOnInterrupt(out.last)
     # Without validation images, tell Lightning so instead of letting it warn about an empty loader.
     trainer = validate.built(
         "trainer",
@@ -303,17 +297,21 @@ def train(cfg: DictConfig) -> float | None:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume, **_weights_only(trainer.fit))
     except SIGTERMException:
-        kept = "checkpoints/last.ckpt saved" if saver.saved else "no checkpoint could be saved"
+        kept = (
+            f"{out.last.relative_to(out.path)} saved"
+            if saver.saved
+            else "no checkpoint could be saved"
+        )
         raise Interrupted(
             f"stopped by SIGTERM in epoch {trainer.current_epoch + 1}; {kept}: run the same "
             "command again to resume (resume=auto)"
         ) from None
     # The fitter has set the thresholds (on_fit_end): the final checkpoint carries them, with
     # the optimizer state (for resuming).
-    final = ckpt_dir / "last.ckpt"
+    final = out.last
     save_checkpoint_atomically(trainer, final, weights_only=False)
     if trainer.is_global_zero and kdad_wandb.log_model_requested(cfg):
-        kdad_wandb.log_model(trainer.loggers, final, out / "config.yaml", flatten(cfg))
+        kdad_wandb.log_model(trainer.loggers, final, out.config, flatten(cfg))
 
     best, tested_thresholds = "", module.thresholds
     if cfg.test_ckpt == "best":
@@ -322,7 +320,7 @@ def train(cfg: DictConfig) -> float | None:
             tested_thresholds = _thresholds_for_best(trainer, module, fitter, best)
     if trainer.is_global_zero:
         write_json_atomic(
-            out / "thresholds.json",
+            out.thresholds,
             kdad_thresholds.record(tested_thresholds, best or str(final)),
         )
 
@@ -374,8 +372,8 @@ def evaluate(cfg: DictConfig) -> float | None:
     validate.resolve(cfg)
     validate.check_numbers(cfg)
     validate.check_targets(cfg)
-    out = kdad_hydra.output_dir()
-    run_folder.lock(out)  # one run per folder
+    out = RunFolder(kdad_hydra.output_dir())
+    out.lock()  # one run per folder
     module = load_module(
         cfg.ckpt_path, expected_model=cfg.get("model_name"), allow_unsigned=bool(cfg.allow_unsigned)
     )
@@ -390,9 +388,9 @@ def evaluate(cfg: DictConfig) -> float | None:
             f"(model.backbone={(module.hparams.get('model') or {}).get('backbone')})",
             train=False,
         )
-    write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_text_atomic(out.config, OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(int(cfg.seed), workers=True)
-    kdad_wandb.prepare(cfg, out)
+    kdad_wandb.prepare(cfg, out.path)
     datamodule = validate.built("data", lambda: instantiate_data(cfg.data))
     datamodule.setup("test")
     verify_files([datamodule.test_dataset])

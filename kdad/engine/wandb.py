@@ -43,10 +43,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kdad.io.atomic import write_text_atomic
 from kdad.io.results import METRIC_KEYS
+from kdad.io.run_folder import RunFolder, SweepFolder
 
 log = logging.getLogger("kdad")
 
-ID_FILE = "wandb_id"
 # Override keys (prefixes) that say where or how a run ran, not what it is.
 NOISE = (
     "hydra.",
@@ -97,7 +97,7 @@ def _swept_keys_of(sweep_dir: str) -> frozenset[str] | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
-        sweep = OmegaConf.load(Path(sweep_dir) / "multirun.yaml")
+        sweep = OmegaConf.load(SweepFolder(Path(sweep_dir)).multirun)
         items = [str(o) for o in sweep.hydra.overrides.task]
         params = sweep.hydra.sweeper.get("params") or {}
         items += [f"{key}={value}" for key, value in params.items()]
@@ -178,20 +178,18 @@ def run_id(output_dir: str | None, ckpt_path: Any = None) -> str | None:
     agent_id = os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
     if not output_dir:
         return agent_id
-    folder = Path(output_dir)
+    folder = RunFolder(output_dir)
     new = agent_id
     if not new:
-        candidates = [folder / ID_FILE]
+        candidates = [folder.wandb_id]
         if ckpt_path not in (None, "", "last"):
-            given = Path(str(ckpt_path)).expanduser()
-            run_folder = given if given.is_dir() else given.parent.parent
-            candidates.append(run_folder / ID_FILE)
+            candidates.append(RunFolder.of(ckpt_path).wandb_id)
         for path in candidates:
             if path.is_file() and re.fullmatch(r"[\w-]{1,64}", path.read_text().strip()):
                 return path.read_text().strip()
         new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:  # DDP: rank 0 logs
-        write_text_atomic(folder / ID_FILE, new + "\n")
+        write_text_atomic(folder.wandb_id, new + "\n")
     return new
 
 

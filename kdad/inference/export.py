@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from kdad.data.transforms import Preprocess
 from kdad.errors import KDADError
 from kdad.io.atomic import atomic_path, write_json_atomic
-from kdad.io.checkpoint import resolve_checkpoint_path
+from kdad.io.run_folder import RunFolder, resolve_checkpoint
 from kdad.lightning.loading import load_module
 from kdad.lightning.module import DistillationModule
 from kdad.models.base import DistillationModel
@@ -470,11 +470,8 @@ def check_target(path: Path) -> None:
 def default_output(checkpoint: Path, fmt: str, preprocess: str) -> Path:
     """``<run folder>/model[.<preprocess>]<.onnx|.pt>``: the run folder of a checkpoint in its
     ``checkpoints/`` folder, else the checkpoint's own folder."""
-    folder = checkpoint.parent
-    if folder.name == "checkpoints":
-        folder = folder.parent
     name = "model" if preprocess == "none" else f"model.{preprocess}"
-    return folder / f"{name}{FORMATS[fmt]}"
+    return RunFolder.of(checkpoint).path / f"{name}{FORMATS[fmt]}"
 
 
 def export_module(
@@ -610,7 +607,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         )
     check_config(cfg)
     fmt, preprocess = str(cfg.format), str(cfg.preprocess)
-    checkpoint = resolve_checkpoint_path(cfg.ckpt_path)
+    checkpoint = resolve_checkpoint(cfg.ckpt_path)
     output = (
         Path(str(cfg.output)).expanduser()
         if cfg.output is not None

@@ -53,6 +53,7 @@ from kdad.data.transforms import Preprocess, load_image
 from kdad.engine.hydra import output_dir
 from kdad.errors import KDADError, one_line
 from kdad.io.atomic import write_csv_atomic, write_png_atomic, write_text_atomic
+from kdad.io.run_folder import RunFolder
 from kdad.lightning.loading import load_module
 from kdad.metrics import thresholds as kdad_thresholds
 from kdad.viz.overlay import render_overlay
@@ -323,8 +324,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         raise KDADError("kdad-predict needs input=PATH (an image, a folder or a glob pattern)")
     batch_size, num_workers = _positive(cfg, "batch_size"), _positive(cfg, "num_workers")
     overlay_size = _positive(cfg, "overlay_size") if cfg.get("overlays", True) else None
-    out = output_dir()
-    write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    out = RunFolder(output_dir())
+    write_text_atomic(out.config, OmegaConf.to_yaml(cfg, resolve=True))
     device = resolve_device(cfg.get("device", "auto"))
     inputs = find_inputs(cfg.input, bool(cfg.get("recursive", True)))  # before the model loads
     names = output_names(inputs)
@@ -349,7 +350,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     else:
         log.info("thresholds: %s", kdad_thresholds.describe(thresholds))
 
-    writer = OverlayWriter(out / "overlays") if overlay_size else None
+    writer = OverlayWriter(out.overlays) if overlay_size else None
     loader = DataLoader(
         PredictDataset([f for f, _ in inputs], preprocess, overlay_size),
         batch_size=batch_size,
@@ -398,7 +399,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         if writer is not None:
             writer.close()
     seconds = time.perf_counter() - start
-    write_csv_atomic(out / "predictions.csv", HEADER, rows)
+    write_csv_atomic(out.predictions, HEADER, rows)
     scored = len(inputs) - failed
     summary = {
         "images": len(inputs),
@@ -414,12 +415,12 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         anomalous if image_level else "?",
         failed,
         summary["images_per_second"],
-        out / "predictions.csv",
+        out.predictions,
     )
     if inputs and failed == len(inputs):
         # Nothing was scored: a failure, whatever the rows say (predictions.csv lists why).
         raise KDADError(
-            f"none of the {failed} input image(s) could be read (reasons in {out / 'predictions.csv'})"
+            f"none of the {failed} input image(s) could be read (reasons in {out.predictions})"
         )
     return summary
 

@@ -12,10 +12,8 @@ truncated, corrupted, foreign, pickled objects, weights of another shape) is a o
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import os
 import pickle
 import re
 import warnings
@@ -24,42 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor
 
 from kdad.errors import KDADError
 from kdad.io.atomic import atomic_path
+from kdad.io.run_folder import resolve_checkpoint
 
 DIGEST_KEY = "sha256"
 
 log = logging.getLogger("kdad")
-
-
-def resolve_checkpoint_path(path: str | Path) -> Path:
-    """A checkpoint file, or a kdad-train run folder: the checkpoint that run tested.
-
-    That is ``checkpoints/last.ckpt``, or ``checkpoints/best.ckpt`` for a run with
-    ``test_ckpt: best`` (STFPM's default) in its config.yaml. (Resuming always takes
-    last.ckpt: see kdad.engine.run.resume_path.)
-    """
-    path = Path(os.path.expanduser(str(path)))
-    if path.is_dir():
-        checkpoints = path / "checkpoints"
-        candidate = checkpoints / "last.ckpt"
-        config = path / "config.yaml"
-        if (checkpoints / "best.ckpt").is_file() and config.is_file():
-            with contextlib.suppress(Exception):
-                if OmegaConf.load(config).get("test_ckpt") == "best":
-                    candidate = checkpoints / "best.ckpt"
-        if not candidate.is_file():
-            raise KDADError(
-                f"ckpt_path={path} is a folder without {candidate.relative_to(path)} (not a kdad-train run folder?)"
-            )
-        log.info("ckpt_path=%s: using %s", path, candidate)
-        return candidate
-    if not path.is_file():
-        raise KDADError(f"ckpt_path={path}: no such file")
-    return path
 
 
 def _load_error(path: Path, exc: BaseException) -> KDADError:
@@ -86,7 +57,7 @@ def read_checkpoint(path: str | Path, allow_unsigned: bool = False) -> dict[str,
     """The checkpoint dict at ``path`` (a file or a run folder), loaded with weights_only=True
     and checked against its digest (:func:`checkpoint_digest`): a mismatch is always an error,
     a missing digest one unless ``allow_unsigned``."""
-    path = resolve_checkpoint_path(path)
+    path = resolve_checkpoint(path)
     try:
         with warnings.catch_warnings():  # the one-line error below says it better
             warnings.filterwarnings("ignore", message=r".*pickle protocol.*", category=UserWarning)
@@ -184,7 +155,6 @@ __all__ = [
     "checkpoint_digest",
     "checkpoint_model_name",
     "read_checkpoint",
-    "resolve_checkpoint_path",
     "sign",
     "write_checkpoint",
 ]

@@ -24,6 +24,7 @@ from PIL import Image
 
 from kdad.errors import disk_full
 from kdad.io.atomic import write_csv_atomic, write_npz_atomic, write_png_atomic, write_text_atomic
+from kdad.io.run_folder import SAMPLES, RunFolder
 from kdad.metrics import thresholds
 from kdad.viz.overlay import heatmap_panel
 from kdad.viz.plots import FIGURE_FORMATS, check_formats, plot_curves
@@ -308,7 +309,7 @@ class HeatmapWriter(L.Callback):
             "score": np.array([k["score"] for k in chosen], dtype=np.float64),
             "path": np.array([k["path"] for k in chosen]),
         }
-        write_npz_atomic(self.dirpath / "samples.npz", arrays)
+        write_npz_atomic(self.dirpath / SAMPLES, arrays)
         for logger in _wandb_loggers(trainer):
             logger.log_image(key="test/heatmaps", images=files, caption=captions)
 
@@ -448,11 +449,12 @@ class CurveWriter(L.Callback):
                 fpr_limit = getattr(metric, "fpr_limit", fpr_limit)
         if not curves or not trainer.is_global_zero:
             return
-        write_text_atomic(self.dirpath / "curves.json", json.dumps(curves) + "\n")
+        folder = RunFolder(self.dirpath)
+        write_text_atomic(folder.curves, json.dumps(curves) + "\n")
         model_name = str(getattr(pl_module.hparams, "model_name", ""))
         png = plot_curves(
             {model_name: curves},
-            self.dirpath / "curves",
+            folder.curves_figure,
             title=model_name,
             areas={model_name: areas},
             fpr_limit=fpr_limit,

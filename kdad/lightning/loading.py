@@ -16,9 +16,9 @@ from kdad.io.checkpoint import (
     checkpoint_model_name,
     plain,
     read_checkpoint,
-    resolve_checkpoint_path,
     write_checkpoint,
 )
+from kdad.io.run_folder import resolve_checkpoint
 from kdad.lightning.module import DistillationModule, check_model_target
 
 # Variant classes a checkpoint may name (modules are imported to check the class).
@@ -46,7 +46,7 @@ def load_module(
 ) -> DistillationModule:
     """Rebuild the LightningModule stored in ``path`` (on CPU, in eval mode); a checkpoint
     without kdad's digest only with ``allow_unsigned`` (see :func:`kdad.io.checkpoint.read_checkpoint`)."""
-    path = resolve_checkpoint_path(path)
+    path = resolve_checkpoint(path)
     checkpoint = read_checkpoint(path, allow_unsigned=allow_unsigned)
     hparams = dict(checkpoint["hyper_parameters"])
     name = checkpoint_model_name(checkpoint)

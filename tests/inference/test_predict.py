@@ -567,15 +567,15 @@ def test_predict_cli_rejects_a_tampered_checkpoint(env, tmp_path: Path) -> None:
 
 
 def test_a_run_folder_means_the_checkpoint_it_tested(tmp_path: Path) -> None:
-    from kdad.io.checkpoint import resolve_checkpoint_path
+    from kdad.io.run_folder import resolve_checkpoint
 
     (tmp_path / "checkpoints").mkdir()
     for name in ("last.ckpt", "best.ckpt"):
         (tmp_path / "checkpoints" / name).write_bytes(b"")
     (tmp_path / "config.yaml").write_text("task_name: train\ntest_ckpt: last\n")
-    assert resolve_checkpoint_path(tmp_path).name == "last.ckpt"
+    assert resolve_checkpoint(tmp_path).name == "last.ckpt"
     (tmp_path / "config.yaml").write_text("task_name: train\ntest_ckpt: best\n")  # STFPM
-    assert resolve_checkpoint_path(tmp_path).name == "best.ckpt"
+    assert resolve_checkpoint(tmp_path).name == "best.ckpt"
 
 
 def test_predict_fails_when_no_input_could_be_read(trained: Path, env, tmp_path: Path) -> None:
