@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -215,3 +216,106 @@ def test_commands_start_without_importing_lightning_or_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# --- one owner of the run folder's file names -----------------------------------------------
+RUN_FOLDER = KDAD / "io" / "run_folder.py"
+# Calls that take a path (or a name in a folder): a bare word there is a file's name.
+PATH_CALLS = {"Path", "PurePath", "joinpath", "with_name", "glob", "rglob", "join", "open"}
+
+
+def _run_folder_names() -> set[str]:
+    """Every name kdad.io.run_folder owns: its upper-case string constants, read from its
+    source (a name added there is covered here without a change)."""
+    names = set()
+    for node in ast.parse(RUN_FOLDER.read_text(encoding="utf-8")).body:
+        if (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+            and node.targets[0].id.isupper()
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            names.add(node.value.value)
+    return names
+
+
+def _spelled(source: str, names: set[str]) -> list[tuple[int, str]]:
+    """(line, literal) for each string literal in ``source`` that spells one of ``names``.
+
+    A name with a dot or in capitals (``metrics.json``, ``.hydra``, ``FAILED``) counts wherever
+    it stands in a literal (a path, an f-string's text, a message: messages take the constant);
+    a plain word (``checkpoints``, ``images``) only where it is used as a path: divided onto a
+    path, given to a path call, compared (``folder.name == ...``) or assigned to a constant,
+    since the same words are table columns and config keys elsewhere. Docstrings are prose."""
+    tree = ast.parse(source)
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    words = {n for n in names if re.fullmatch(r"[a-z_]+", n)}
+    anywhere = re.compile(
+        r"(?<![\w.])("
+        + "|".join(re.escape(n) for n in sorted(names - words, key=len, reverse=True))
+        + r")(?!\w)"
+    )
+
+    def as_path(node: ast.AST) -> bool:
+        parent = parents.get(node)
+        if isinstance(parent, ast.BinOp):
+            return isinstance(parent.op, ast.Div)
+        if isinstance(parent, ast.Call) and node in parent.args:
+            func = parent.func
+            return (func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")) in (
+                PATH_CALLS
+            )
+        return isinstance(parent, ast.Compare | ast.Assign | ast.AnnAssign)
+
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Constant) or not isinstance(node.value, str):
+            continue
+        if id(node) in docstrings:
+            continue
+        if anywhere.search(node.value) or (node.value in words and as_path(node)):
+            found.append((node.lineno, node.value))
+    return found
+
+
+def test_the_rule_sees_a_spelled_name() -> None:
+    """The check below is not blind: each way of spelling a name is found, prose is not."""
+    names = {"metrics.json", "FAILED", ".hydra", "checkpoints", "images"}
+    source = '''
+"""The run writes metrics.json (a docstring is prose)."""
+a = out / "metrics.json"
+b = f"{out}/metrics.json"
+c = "see FAILED files"
+d = sorted(root.rglob(".hydra"))
+e = out / "checkpoints"
+f = folder.name == "checkpoints"
+IMAGES_DIR = "images"
+row = {"images": 3}  # a table column
+g = "kdad.engine.hydra and hydra.run.dir and my_metrics.jsonl"
+'''
+    lines = sorted(line for line, _ in _spelled(source, names))
+    assert lines == [3, 4, 5, 6, 7, 8, 9], _spelled(source, names)
+
+
+def test_only_the_run_folder_module_spells_run_folder_file_names() -> None:
+    """kdad.io.run_folder owns the names of a run's (and a sweep's) files: everything else
+    asks a RunFolder / SweepFolder or uses its constants."""
+    names = _run_folder_names()
+    assert {"metrics.json", "last.ckpt", "FAILED", "sweep_status.json", "images"} <= names
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}: {text!r}"
+        for path in SOURCES
+        if path != RUN_FOLDER
+        for line, text in _spelled(path.read_text(encoding="utf-8"), names)
+    ]
+    assert not offenders, "use kdad.io.run_folder instead of spelling:\n" + "\n".join(offenders)
