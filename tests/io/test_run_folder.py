@@ -216,3 +216,28 @@ def test_a_sweep_folder_reports_its_jobs(tmp_path: Path) -> None:
     assert json.loads(sweep.status_file.read_text()) == expected
     jobs[2].clear_marks()
     assert "interrupted" not in sweep.status()  # the key only when some were
+
+
+@pytest.mark.parametrize("config_name", ["train", "eval"])
+def test_the_shipped_callbacks_write_where_the_run_folder_says(
+    config_name: str, tmp_path: Path
+) -> None:
+    """conf/callbacks/*.yaml spell the callbacks' paths for Hydra; they must stay the paths
+    RunFolder reads (a renamed file in one place would leave runs that nothing finds)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from kdad.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name, overrides=[f"paths.output_dir={tmp_path}"])
+    OmegaConf.resolve(cfg.callbacks)
+    run = RunFolder(tmp_path)
+    callbacks = cfg.callbacks
+    if config_name == "train":
+        checkpoints = callbacks.model_checkpoint
+        assert Path(checkpoints.dirpath) == run.checkpoints
+        assert run.checkpoints / f"{checkpoints.filename}.ckpt" == run.best
+    assert Path(callbacks.heatmaps.dirpath) == run.images
+    assert Path(callbacks.scores.path) == run.scores
+    assert Path(callbacks.curves.dirpath) == run.path
