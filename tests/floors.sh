@@ -2,9 +2,9 @@
 # The declared floors of kdad's Python-level dependencies, tested before a release
 # (`make test-floors`; README, Development). A second environment takes the lowest versions
 # pyproject.toml declares for Lightning, torchmetrics, Hydra, OmegaConf, timm, wandb, numpy,
-# scipy, matplotlib and Pillow, in front of the main environment (.venv, which `make test`
-# builds with the newest ones), and runs the tests that exercise them: the commands end to end,
-# the variants, the metrics, W&B offline and the sweeps.
+# scipy, matplotlib, Pillow and the export extra's onnx and onnxruntime, in front of the main
+# environment (.venv, which `make test` builds with the newest ones), and runs the tests that
+# exercise them: the commands end to end, the variants, the metrics, W&B offline and the sweeps.
 #
 # torch and torchvision are taken from .venv: their floors (torch 2.4, torchvision 0.19) are
 # several GB of CUDA wheels; FLOOR_TORCH=1 installs them too.
@@ -19,9 +19,10 @@ floor_site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths(
 echo "import site; site.addsitedir('$(cd "$main_site" && pwd)')" > "$floor_site/zz_main_venv.pth"
 floors=$("$MAIN/bin/python" - <<'EOF'
 import re, tomllib
-deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+deps = project["dependencies"] + project["optional-dependencies"]["export"]
 keep = {"lightning", "torchmetrics", "hydra-core", "omegaconf", "timm", "wandb", "numpy",
-        "scipy", "matplotlib", "pillow"}
+        "scipy", "matplotlib", "pillow", "onnx", "onnxruntime"}
 for dep in deps:
     m = re.match(r"([A-Za-z0-9_.-]+)\s*>=\s*([0-9][^,;\s]*)", dep)
     if m and m.group(1).lower() in keep:
@@ -44,7 +45,8 @@ echo "floors: $floors"
 "$VENV/bin/python" - <<'EOF'
 import importlib.metadata as m
 for name in ("lightning", "torchmetrics", "hydra-core", "omegaconf", "timm", "wandb", "numpy",
-             "scipy", "matplotlib", "pillow", "torch", "torchvision"):
+             "scipy", "matplotlib", "pillow", "onnx", "onnxruntime", "protobuf", "torch",
+             "torchvision"):
     print(f"{name} {m.version(name)}")
 EOF
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
