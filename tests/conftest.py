@@ -60,10 +60,3 @@ def inprocess_data_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
         del os.environ["KDAD_CACHE_DIR"]
     else:
         os.environ["KDAD_CACHE_DIR"] = previous
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest ordered group (tests/test_readme_commands.py: one worker, in order) first,
-    so that under ``make test``'s two workers the other worker takes the rest meanwhile
-    instead of the group running alone at the end. The group's own order is kept."""
-    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
