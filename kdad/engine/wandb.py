@@ -234,6 +234,11 @@ def wandb_logger(quiet: bool, **kwargs: Any) -> Any:
     init = getattr(made, "_wandb_init", None)
     if isinstance(init, dict) and init.get("anonymous") is None:
         init.pop("anonymous", None)
+    # Offline, W&B ignores ``resume`` (the run keeps its id, which is what resuming needs) and
+    # wandb 0.20 warns that it does, even when silent.
+    offline = kwargs.get("offline") or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
+    if isinstance(init, dict) and offline:
+        init.pop("resume", None)
     return made
 
 
