@@ -207,15 +207,21 @@ def execute(stage: str, name: str, overrides: list[str], resumes: str | None) ->
     tmp.mkdir(parents=True)
     for file in ("metrics.json", "config.yaml", "scores.csv"):
         if (folder / file).is_file():
-            shutil.copy2(folder / file, tmp / file)
+            (tmp / file).write_text(portable((folder / file).read_text()))
     tmp.rename(dest)  # the results of a run appear whole or not at all
-    shown = " ".join(
-        o for o in command[3 + len(PYTHON_FLAGS) :] if not o.startswith("hydra.run.dir")
+    shown = portable(
+        " ".join(o for o in command[3 + len(PYTHON_FLAGS) :] if not o.startswith("hydra.run.dir"))
     )
     with open(RESULTS / stage / "RUN.md", "a") as record:
         record.write(f"- `{name}`: {took:.0f} s, commit {commit()}: `kdad-train {shown}`\n")
     print(f"  {name}: {took:.0f} s", flush=True)
     return True
+
+
+def portable(text: str) -> str:
+    """``text`` with this checkout's absolute path made relative to it (committed results
+    name ``logs/...`` and ``.cache/...``, not one machine's folders)."""
+    return text.replace(f"{ROOT}/", "").replace(str(ROOT), ".")
 
 
 def _environment() -> dict[str, str]:
