@@ -42,15 +42,6 @@ from kdad.metrics import thresholds as kdad_thresholds
 log = logging.getLogger("kdad")
 
 
-def _weights_only(method: Any) -> dict[str, bool]:
-    """``weights_only=True`` for a Trainer method that takes it (Lightning >= 2.6); older
-    Lightning loads with torch.load's default, after kdad has read and verified the file with
-    weights_only=True (kdad.io.checkpoint.read_checkpoint)."""
-    import inspect
-
-    return {"weights_only": True} if "weights_only" in inspect.signature(method).parameters else {}
-
-
 def build_module(cfg: DictConfig) -> DistillationModule:
     # What evaluation and prediction repeat from the checkpoint (kdad-eval, kdad-predict).
     # Hyper-parameters are plain data, choices as strings (the schema's Enums are not
@@ -295,7 +286,7 @@ def train(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, **_weights_only(trainer.fit))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     except SIGTERMException:
         kept = (
             f"{out.last.relative_to(out.path)} saved"
@@ -333,7 +324,7 @@ def train(cfg: DictConfig) -> float | None:
                 "test_ckpt=best but no best checkpoint was saved (callbacks.model_checkpoint.monitor is unset)"
             )
         test_ckpt = best
-    trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, **_weights_only(trainer.test))
+    trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt, weights_only=True)
     return _optimized(cfg, write_run_results(cfg.seed, trainer, module, datamodule, speed))
 
 
