@@ -11,6 +11,7 @@ traceback.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 
 
 class KDADError(Exception):
@@ -21,16 +22,21 @@ class KDADError(Exception):
 
 
 class Interrupted(Exception):
-    """The run was stopped from outside (SIGTERM: a cluster's pre-emption or time limit).
+    """The run was stopped from outside: SIGTERM (a cluster's pre-emption or time limit), or
+    a job scheduler's own signal handler ending the job to requeue it (submitit's, on Slurm).
 
     Not a failure of the run: its folder keeps a resumable ``last.ckpt`` and an
-    ``INTERRUPTED`` mark, and running the same command again resumes it. The command exits
-    with status 143 (128 + SIGTERM), so a scheduler sees that it did not finish."""
+    ``INTERRUPTED`` mark, and running the same command again (or the requeued job) resumes
+    it. The command exits with status 143 (128 + SIGTERM), so a scheduler sees that it did
+    not finish, or with the code of the scheduler's handler (``hand_over``)."""
 
     EXIT_CODE = 143
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, hand_over: Callable[[], None] | None = None) -> None:
         super().__init__(" ".join(str(message).split()))
+        # The scheduler's own handler, run once the run folder is marked: it requeues the job
+        # and exits with the scheduler's code (submitit's, see kdad.lightning.callbacks).
+        self.hand_over = hand_over
 
 
 def one_line(exc: BaseException) -> str:

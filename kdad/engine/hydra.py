@@ -111,6 +111,8 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             if is_multirun():  # the process is being stopped: start no further job
                 with contextlib.suppress(Exception):
                     write_sweep_status(Path(HydraConfig.get().sweep.dir))
+            if exc.hand_over is not None:
+                exc.hand_over()  # the scheduler requeues the job and exits
             sys.exit(Interrupted.EXIT_CODE)
         except Exception as exc:
             message = user_error_message(exc)
@@ -415,8 +417,17 @@ def entry_point(
         if message is not None:
             print(f"kdad: error: {message}", file=sys.stderr)
             sys.exit(2)
-        with config_errors_in_one_line():
-            composed()
+        try:
+            with config_errors_in_one_line():
+                composed()
+        except ValueError as exc:  # Hydra's check of its mode flags, before it reports anything
+            if not str(exc).startswith("Only one of --run"):
+                raise
+            print(
+                f"kdad: error: {exc}: e.g. `--cfg job` prints one run's config without -m",
+                file=sys.stderr,
+            )
+            sys.exit(2)
         exit_if_failed()
 
     return main

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -293,10 +294,24 @@ def train(cfg: DictConfig) -> float | None:
             if saver.saved
             else "no checkpoint could be saved"
         )
+        if saver.deferred is not None:  # the scheduler's requeue signal: it takes over
+            raise Interrupted(
+                f"stopped by the job scheduler's {signal.Signals(saver.deferred[1]).name} in "
+                f"epoch {trainer.current_epoch + 1}; {kept}: the requeued job (or the same "
+                "command again) resumes it (resume=auto)",
+                hand_over=saver.hand_over,
+            ) from None
         raise Interrupted(
             f"stopped by SIGTERM in epoch {trainer.current_epoch + 1}; {kept}: run the same "
             "command again to resume (resume=auto)"
         ) from None
+    if saver.deferred is not None:  # the scheduler's signal came as fitting ended
+        raise Interrupted(
+            f"stopped by the job scheduler's {signal.Signals(saver.deferred[1]).name} after "
+            f"training; {out.last.relative_to(out.path)} saved: the requeued job (or the same "
+            "command again) tests it (resume=auto)",
+            hand_over=saver.hand_over,
+        )
     # The fitter has set the thresholds (on_fit_end): the final checkpoint carries them, with
     # the optimizer state (for resuming).
     final = out.last

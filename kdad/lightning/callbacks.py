@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -179,13 +180,59 @@ class Checkpoints(ModelCheckpoint):
                 logger.after_save_checkpoint(proxy(self))
 
 
+def scheduler_signal() -> signal.Signals | None:
+    """The signal with which a job scheduler ends this job to requeue it, or None: submitit's
+    (``SUBMITIT_PREEMPT_SIGNAL``, USR2 by default) when the job runs under submitit (Hydra's
+    submitit launchers: ``launcher=slurm``, ``local_gpus``, ``local_cpu``). Slurm sends it
+    ``hydra.launcher.signal_delay_s`` before the time limit and on pre-emption."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    name = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
+    found = getattr(signal, name, None)
+    return found if isinstance(found, signal.Signals) else None
+
+
 class SaveOnInterrupt(L.Callback):
     """On SIGTERM (Lightning stops its loops with ``SIGTERMException``), write a resumable
-    ``last.ckpt`` (weights, optimiser and loop state; atomically) before the run stops."""
+    ``last.ckpt`` (weights, optimiser and loop state; atomically) before the run stops.
+
+    Under a job scheduler that ends a job with its own signal to requeue it (submitit:
+    :func:`scheduler_signal`), that signal is deferred while fitting: Lightning stops at the
+    end of the current step as on SIGTERM, the checkpoint is written, and only then does the
+    scheduler's handler run (:meth:`hand_over`: submitit requeues the job, when
+    ``hydra.launcher.max_num_timeout`` allows it, and exits). The requeued job runs the same
+    command in the same folder and resumes it (``resume=auto``)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.saved = False
+        self.deferred: tuple[Any, int, Any] | None = None  # the scheduler's handler and call
+        self._replaced: tuple[signal.Signals, Any] | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        number = scheduler_signal()
+        if number is None or self._replaced is not None:
+            return
+        original = signal.getsignal(number)
+        if not callable(original):
+            return
+
+        def defer(signum: int, frame: Any) -> None:
+            self.deferred = (original, signum, frame)
+            log.warning(
+                "received the job scheduler's %s: stopping after this step to save a resumable "
+                "checkpoint before the job is requeued",
+                signal.Signals(signum).name,
+            )
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning stops its loops at a step's end
+
+        signal.signal(number, defer)
+        self._replaced = (number, original)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._replaced is not None:
+            signal.signal(*self._replaced)
+            self._replaced = None
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -196,6 +243,14 @@ class SaveOnInterrupt(L.Callback):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             save_checkpoint_atomically(trainer, self.path, weights_only=False)
             self.saved = True
+
+    def hand_over(self) -> None:
+        """Run the scheduler's deferred handler (it requeues the job and exits); nothing
+        without one."""
+        if self.deferred is not None:
+            handler, signum, frame = self.deferred
+            self.deferred = None
+            handler(signum, frame)
 
 
 class ThresholdFitter(L.Callback):

@@ -36,6 +36,12 @@ CASES = [
     (TRAIN, ["--config-dir", "{conf}", *TINY, "model=mine"], 2, ["mine.yaml, line 4", "YAML"]),
     (TRAIN, ["--config-dir", "{file}.missing", *TINY], 2, ["config directory", "not found"]),
     (TRAIN, [*TINY, "hydra.run.dir={file}"], 2, ["{file}: File exists", "hydra.run.dir"]),
+    (
+        TRAIN,
+        ["-m", "--cfg", "job", *TINY],
+        2,
+        ["Only one of --run, --multirun, --cfg", "without -m"],
+    ),
     # Settings a model cannot take.
     (TRAIN, [*TINY, "+model.x=1", "model.x=2"], 2, ["model.x is not one of its settings"]),
     (TRAIN, [*TINY, "model=stfpm", "model.layers=[5]"], 2, ["model.layers=[5]", "0..4"]),
