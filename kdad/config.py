@@ -135,14 +135,29 @@ def settings(cls: type[T], given: Any, key: str) -> T:
     return cls(**values)
 
 
+# Names a variant had before (conf/model/<old name>.yaml is an alias of the current config):
+# what older checkpoints and results record is read under the current name.
+MODEL_ALIASES = {"rd": "rd4ad"}
+RENAMED_TARGETS = {
+    "kdad.models.rd4ad.ReverseDistillation": "kdad.models.rd4ad.RD4AD",
+    "kdad.models.knn.NearestNeighbourReference": "kdad.models.knn.KNN",
+}
+
+
+def current_model_name(name: str) -> str:
+    """``name`` (a ``model_name`` as a checkpoint or results file records it) as kdad names
+    that variant now."""
+    return MODEL_ALIASES.get(name, name)
+
+
 # --- the schema: structured configs built from the constructors' source ----------------------
 # The variants: conf/model/<file>.yaml names ``/schema_model_<name>@model`` in its defaults list.
 MODEL_SCHEMAS = {
     "stfpm": "kdad.models.stfpm.STFPM",
-    "rd": "kdad.models.rd4ad.ReverseDistillation",
+    "rd4ad": "kdad.models.rd4ad.RD4AD",
     "hkt": "kdad.models.hkt.HKT",
     "nferd": "kdad.models.nferd.NFERD",
-    "knn": "kdad.models.knn.NearestNeighbourReference",
+    "knn": "kdad.models.knn.KNN",
 }
 # Every variant's ``anomaly_map`` is the keyword arguments of the shared map generator.
 NESTED_ARGUMENTS = {

@@ -325,7 +325,7 @@ def _bad_choices() -> list:
     from kdad.models.anomaly_map import MapFusion
 
     kwargs = {"anomaly_map": {"fusion": "nosuch"}}
-    case(config.MODEL_SCHEMAS["rd"], kwargs, "model.anomaly_map.fusion", MapFusion)
+    case(config.MODEL_SCHEMAS["rd4ad"], kwargs, "model.anomaly_map.fusion", MapFusion)
     return cases
 
 

@@ -114,13 +114,13 @@ def test_wheel_installed_outside_the_checkout_trains(
     assert not any(Path(p).is_relative_to(ROOT) for p in where), where
 
     out = _sh(
-        [str(target / "bin" / "kdad-train"), "model=rd", "data.category=stripes", *TINY,
+        [str(target / "bin" / "kdad-train"), "model=rd4ad", "data.category=stripes", *TINY,
          "logger=csv", "hydra.run.dir=run"],
         cwd=work,
         env=clean,
     )  # fmt: skip
     metrics = json.loads((work / "run" / "metrics.json").read_text())
-    assert metrics["model"] == "rd" and 0.0 <= metrics["image_auroc"] <= 1.0, out[-2000:]
+    assert metrics["model"] == "rd4ad" and 0.0 <= metrics["image_auroc"] <= 1.0, out[-2000:]
     assert (work / "run" / "checkpoints" / "last.ckpt").is_file()
     # It composed kdad's shipped configs, not the checkout's: the run's config says where from.
     hydra_cfg = (work / "run" / ".hydra" / "hydra.yaml").read_text()

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--variants", default="rd,stfpm,hkt,hkt_plus,nferd")
+    parser.add_argument("--variants", default="rd4ad,stfpm,hkt,hkt_plus,nferd")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 

@@ -18,7 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
-from kdad.models.rd4ad import ReverseDistillation
+from kdad.models.rd4ad import RD4AD
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    net = ReverseDistillation(args.backbone, pretrained=False).to(device).train()
+    net = RD4AD(args.backbone, pretrained=False).to(device).train()
     optimizer = torch.optim.Adam(
         [p for p in net.parameters() if p.requires_grad], lr=0.005, betas=(0.5, 0.999)
     )

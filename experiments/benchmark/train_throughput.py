@@ -1,4 +1,4 @@
-"""Training-step throughput of kdad's variants next to anomalib's ReverseDistillation.
+"""Training-step throughput of kdad's variants next to anomalib's RD4AD.
 
 Both run in this one process on identical random batches (same backbone, image size, batch
 size, random teacher weights), one after the other, with the same timing method: warm-up
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--models", default="rd,hkt_plus,nferd")
+    parser.add_argument("--models", default="rd4ad,hkt_plus,nferd")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for both frameworks")
     parser.add_argument(
         "--channels-last", action="store_true", help="kdad: channels_last memory format"
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = torch.randn(args.batch, 3, args.size, args.size, device=device)
     runs: dict[str, tuple[Callable[[torch.Tensor], None], torch.Tensor]] = {}
     if not args.no_anomalib:
-        runs["anomalib ReverseDistillation"] = (
+        runs["anomalib RD4AD"] = (
             anomalib_step(args.backbone, args.size, device, args.bf16),
             batch,
         )
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         runs[f"kdad {name}"] = (step, kdad_batch)
     rates = measure(runs, args.steps, args.windows, args.warmup)
     rows = list(rates.items())
-    reference = rates.get("anomalib ReverseDistillation")
+    reference = rates.get("anomalib RD4AD")
     lines = [
         f"device={args.device} backbone={args.backbone} size={args.size} batch={args.batch} bf16={args.bf16} "
         f"channels_last={args.channels_last} fused={args.fused} compile={args.compile} "

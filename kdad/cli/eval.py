@@ -3,7 +3,7 @@
     kdad-eval ckpt_path=logs/train/runs/X/checkpoints/last.ckpt data=mvtec data.category=bottle
 
 The variant, its weights and its preprocessing come from the checkpoint (``ckpt_path`` may also
-be a kdad-train run folder). Naming a model (``model=rd``) checks that the checkpoint is one.
+be a kdad-train run folder). Naming a model (``model=rd4ad``) checks that the checkpoint is one.
 """
 
 from kdad.engine.hydra import entry_point

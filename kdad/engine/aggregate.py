@@ -54,7 +54,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from kdad.config import flatten
+from kdad.config import RENAMED_TARGETS, current_model_name, flatten
 from kdad.engine.wandb import offline_unless_configured
 from kdad.errors import KDADError, one_line
 from kdad.io.atomic import write_csv_atomic, write_text_atomic
@@ -157,7 +157,7 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
             print(f"kdad-aggregate: warning: skipping {path.parent}: {problem}", file=sys.stderr)
             missing.append((path.parent, problem))
             continue
-        runs.append(Run(path.parent, metrics, flatten(config or {})))
+        runs.append(_current_names(Run(path.parent, metrics, flatten(config or {}))))
     done = {run.folder for run in runs} | {folder for folder, _ in missing}
     jobs = SweepFolder(root).jobs()  # the job folders below root
     itself = RunFolder(root)  # root is a run that stopped itself (a marked run folder)
@@ -167,6 +167,18 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
         if job.path not in done:
             missing.append((job.path, _unfinished(job)))
     return runs, missing
+
+
+def _current_names(run: Run) -> Run:
+    """``run`` of a variant since renamed (:data:`kdad.config.MODEL_ALIASES`), under its
+    current name and class: one row with the runs written since, not a variant of it."""
+    run.metrics["model"] = current_model_name(run.metrics["model"])
+    if "model_name" in run.config:
+        run.config["model_name"] = current_model_name(str(run.config["model_name"]))
+    target = run.config.get("model._target_")
+    if isinstance(target, str):
+        run.config["model._target_"] = RENAMED_TARGETS.get(target, target)
+    return run
 
 
 def _unfinished(job: RunFolder) -> str:

@@ -2,7 +2,7 @@
 
     kdad-export ckpt_path=logs/train/runs/<run> format=onnx                        # <run>/model.onnx
     kdad-export ckpt_path=logs/train/runs/<run> format=onnx preprocess=uint8_hwc   # <run>/model.uint8_hwc.onnx
-    kdad-export ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt format=torchscript output=rd.pt
+    kdad-export ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt format=torchscript output=rd4ad.pt
 
 The graph returns ``anomaly_map`` (N, 1, S, S) and ``score`` (N,): the same maps and raw scores
 as :meth:`kdad.models.base.DistillationModel.predict`, Gaussian smoothing included (NFERD's

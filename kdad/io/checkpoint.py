@@ -131,7 +131,10 @@ def sign(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 
 def checkpoint_model_name(checkpoint: dict[str, Any]) -> str:
-    return str(checkpoint["hyper_parameters"].get("model_name", "?"))
+    """The variant ``checkpoint`` holds, by its current name (:data:`kdad.config.MODEL_ALIASES`)."""
+    from kdad.config import current_model_name
+
+    return current_model_name(str(checkpoint["hyper_parameters"].get("model_name", "?")))
 
 
 def write_checkpoint(checkpoint: Mapping[str, Any], path: str | Path) -> Path:

@@ -123,7 +123,7 @@ class DistillationModule(L.LightningModule):
             trainable parameters only (the student side; the teacher is frozen); None for a
             variant without trainable parameters.
         scheduler: an optional Hydra partial for ``torch.optim.lr_scheduler``, stepped per epoch.
-        model_name: the variant's name (``rd``, ``stfpm``, ...), recorded in results.
+        model_name: the variant's name (``rd4ad``, ``stfpm``, ...), recorded in results.
         preprocess: image size, crop and normalisation the model was trained with, for reuse
             by evaluation and prediction.
     """

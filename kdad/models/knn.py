@@ -74,7 +74,7 @@ def greedy_coreset(features: Tensor, size: int, projection_dim: int, seed: int) 
     return chosen
 
 
-class NearestNeighbourReference(DistillationModel):
+class KNN(DistillationModel):
     """Training-free reference: nearest-neighbour distance to a bank of normal patch features.
 
     Args:
@@ -239,4 +239,4 @@ class NearestNeighbourReference(DistillationModel):
         return torch.stack([m.mean() for m in self.distance_maps(pairs)]).sum()
 
 
-__all__ = ["SAMPLINGS", "NearestNeighbourReference", "Sampling", "greedy_coreset"]
+__all__ = ["KNN", "SAMPLINGS", "Sampling", "greedy_coreset"]

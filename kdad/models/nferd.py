@@ -56,7 +56,7 @@ from kdad.models.components.feature_bank import (
     select_bank_images,
 )
 from kdad.models.components.hafm import Combine, Fusion, Merge, StageFusion
-from kdad.models.rd4ad import DecoderOutput, ReverseDistillation, reverse_distillation_loss
+from kdad.models.rd4ad import RD4AD, DecoderOutput, reverse_distillation_loss
 
 log = logging.getLogger("kdad")
 
@@ -102,13 +102,13 @@ class HAFMSettings:
     kernel_size: int = 7  # spatial-attention conv (CBAM's)
 
 
-class NFERD(ReverseDistillation):
+class NFERD(RD4AD):
     """RD4AD whose decoder recalls and fuses normal features at each of its three stages.
 
     Args:
         backbone, layers, pretrained, weights_path, bottleneck_blocks, decoder_layers,
         official_unused_layer, decoder_output, distance, anomaly_map: as
-        :class:`ReverseDistillation`.
+        :class:`RD4AD`.
         nfb: the normal feature bank: ``enabled``; ``size`` (N, training images stored);
             ``top_k`` (K, entries recalled); ``seed`` (which images); ``recall``
             (``per_position`` or the paper's ``flattened``); ``weighting`` (form of ``w``:

@@ -48,7 +48,7 @@ def reverse_distillation_loss(pairs: FeaturePairs) -> Tensor:
     return loss
 
 
-class ReverseDistillation(DistillationModel):
+class RD4AD(DistillationModel):
     """Teacher encoder -> OCBE -> student decoder, compared stage by stage.
 
     Args:
@@ -129,4 +129,4 @@ class ReverseDistillation(DistillationModel):
         return reverse_distillation_loss(pairs)
 
 
-__all__ = ["DECODER_OUTPUTS", "DecoderOutput", "ReverseDistillation", "reverse_distillation_loss"]
+__all__ = ["DECODER_OUTPUTS", "RD4AD", "DecoderOutput", "reverse_distillation_loss"]

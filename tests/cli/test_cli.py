@@ -32,7 +32,7 @@ def test_train_writes_the_contract_files(trained_run: Path) -> None:
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert tuple(metrics) == RESULT_KEYS  # exactly the contract's keys
     assert (
-        metrics["model"] == "rd"
+        metrics["model"] == "rd4ad"
         and metrics["data"] == "synthetic"
         and metrics["category"] == "stripes"
     )
@@ -119,7 +119,7 @@ def test_eval_reproduces_the_training_run(
     recomputed = _recompute_test_metrics(trained_run)
     for key, value in recomputed.items():
         assert trained[key] == pytest.approx(value, abs=1e-4), key
-    assert evaluated["model"] == "rd" and evaluated["train_seconds"] == pytest.approx(
+    assert evaluated["model"] == "rd4ad" and evaluated["train_seconds"] == pytest.approx(
         trained["train_seconds"], rel=1e-6
     )
 
@@ -135,14 +135,14 @@ def test_eval_rejects_a_checkpoint_of_another_variant(
         tmp_path,
         expect=2,
     )
-    assert "model=rd checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert "model=rd4ad checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_checkpoint_loads_with_weights_only(trained_run: Path) -> None:
     checkpoint = torch.load(
         trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     )
-    assert checkpoint["kdad"]["model_name"] == "rd"
+    assert checkpoint["kdad"]["model_name"] == "rd4ad"
     assert checkpoint["hyper_parameters"]["model"]["backbone"] == "resnet18"
 
 
@@ -153,7 +153,7 @@ def test_multirun_and_aggregate(env: dict[str, str], tmp_path: Path) -> None:
         [
             "-m",
             *TINY,
-            "model=rd,stfpm",
+            "model=rd4ad,stfpm",
             "data.category=stripes,dots",
             "logger=none",
             "callbacks=none",
@@ -168,15 +168,15 @@ def test_multirun_and_aggregate(env: dict[str, str], tmp_path: Path) -> None:
         rows = list(csv.DictReader(handle))
     cells = [(r["model"], r["category"]) for r in rows if r["category"] != "mean"]
     assert sorted(cells) == [
-        ("rd", "dots"),
-        ("rd", "stripes"),
+        ("rd4ad", "dots"),
+        ("rd4ad", "stripes"),
         ("stfpm", "dots"),
         ("stfpm", "stripes"),
     ]
-    assert sorted(r["model"] for r in rows if r["category"] == "mean") == ["rd", "stfpm"]
+    assert sorted(r["model"] for r in rows if r["category"] == "mean") == ["rd4ad", "stfpm"]
     for row in rows:
         assert 0.0 <= float(row["image_auroc_mean"]) <= 1.0
-    assert "| rd | synthetic | stripes |" in proc.stdout and (sweep / "aggregate.md").is_file()
+    assert "| rd4ad | synthetic | stripes |" in proc.stdout and (sweep / "aggregate.md").is_file()
 
 
 def test_wandb_offline_run_holds_the_test_metrics(env: dict[str, str], tmp_path: Path) -> None:
@@ -193,7 +193,7 @@ def test_wandb_offline_run_holds_the_test_metrics(env: dict[str, str], tmp_path:
     for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_ap"):
         assert logged["history"][f"test/{key}"][-1] == pytest.approx(metrics[key], abs=1e-6)
     assert logged["group"] == "train" and logged["job_type"] == "train"  # task_name, command
-    assert set(logged["tags"]) >= {"rd", "synthetic", "stripes"}
+    assert set(logged["tags"]) >= {"rd4ad", "synthetic", "stripes"}
     assert logged["config"]["model.backbone"] == "resnet18"  # flattened: filterable by any key
     assert logged["config"]["params_trainable"] == metrics["params_trainable"]
 
@@ -270,14 +270,14 @@ def test_a_group_whose_extra_is_missing_names_the_extra(monkeypatch) -> None:
         lambda name, *a: None if name.startswith(("hydra_plugins", "tensorboard")) else real(name),
     )
     for argument, extra in (
-        ("hparams_search=rd_optuna", "sweep"),
+        ("hparams_search=rd4ad_optuna", "sweep"),
         ("launcher=slurm", "slurm"),
         ("launcher=local_cpu", "slurm"),
         ("logger=tensorboard", "tensorboard"),
     ):
-        message = kdad_hydra.missing_extra(["model=rd", argument])
+        message = kdad_hydra.missing_extra(["model=rd4ad", argument])
         assert message == f"{argument} needs the optional extra: pip install 'kdad[{extra}]'"
-    assert kdad_hydra.missing_extra(["logger=csv", "launcher=null", "model=rd"]) is None
+    assert kdad_hydra.missing_extra(["logger=csv", "launcher=null", "model=rd4ad"]) is None
 
 
 @pytest.mark.parametrize(

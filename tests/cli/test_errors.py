@@ -3,7 +3,7 @@
 One row per case: the command's module, its arguments, the exit status and the words its one
 line must hold. The commands run in this process (tests/clirun.py's ``run_in_process``): each
 stops before any training, in well under a second. Placeholders in the arguments: ``{ckpt}``
-a tiny kdad-train checkpoint (rd, resnet18, trained once for the module), ``{conf}`` a user
+a tiny kdad-train checkpoint (rd4ad, resnet18, trained once for the module), ``{conf}`` a user
 config folder whose model/mine.yaml has a YAML syntax error on line 4, ``{file}`` an existing
 file.
 """
@@ -32,7 +32,7 @@ CASES = [
     (TRAIN, [*TINY, "~model.nokey"], 2, ["'model.nokey' does not exist"]),
     (TRAIN, [*TINY, "model.layers=[1,2"], 2, ["model.layers=[1,2: not a valid override"]),
     (TRAIN, [*TINY, ""], 2, ["an empty argument: not a valid override"]),
-    (TRAIN, ["-m", *TINY, "model=rd,nosuch"], 2, ["model=nosuch: no such option"]),
+    (TRAIN, ["-m", *TINY, "model=rd4ad,nosuch"], 2, ["model=nosuch: no such option"]),
     (TRAIN, ["--config-dir", "{conf}", *TINY, "model=mine"], 2, ["mine.yaml, line 4", "YAML"]),
     (TRAIN, ["--config-dir", "{file}.missing", *TINY], 2, ["config directory", "not found"]),
     (TRAIN, [*TINY, "hydra.run.dir={file}"], 2, ["{file}: File exists", "hydra.run.dir"]),
@@ -73,7 +73,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def checkpoint(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A kdad-train checkpoint of rd with resnet18, from one batch of training."""
+    """A kdad-train checkpoint of rd4ad with resnet18, from one batch of training."""
     out = tmp_path_factory.mktemp("trained")
     args = [*TINY, "data.synthetic.num_train=4", "+trainer.limit_train_batches=1"]
     args += ["+trainer.limit_val_batches=1", "test=false", "logger=none", "callbacks=none"]
@@ -87,7 +87,7 @@ def _placeholders(args: list[str], tmp_path: Path, request: pytest.FixtureReques
     if any("{conf}" in a for a in args):
         (tmp_path / "conf" / "model").mkdir(parents=True)
         (tmp_path / "conf" / "model" / "mine.yaml").write_text(
-            "model_name: rd\nmodel:\n  backbone: [resnet18\n  layers: 1\n"
+            "model_name: rd4ad\nmodel:\n  backbone: [resnet18\n  layers: 1\n"
         )
         values["conf"] = str(tmp_path / "conf")
     if any("{ckpt}" in a for a in args):

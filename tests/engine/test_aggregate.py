@@ -56,11 +56,11 @@ def test_a_cell_is_mean_and_sample_std_over_seeds_and_a_single_run_has_no_spread
     tmp_path: Path,
 ) -> None:
     for seed, value in enumerate((0.90, 0.92, 0.97)):
-        make_run(tmp_path, f"rd{seed}", "rd", "stripes", seed, value)
+        make_run(tmp_path, f"rd4ad{seed}", "rd4ad", "stripes", seed, value)
     make_run(tmp_path, "stfpm0", "stfpm", "stripes", 0, 0.80)
     text, notes = summarize(tmp_path, plots=False, metrics="image_auroc")
     std = 100 * statistics.stdev([0.90, 0.92, 0.97])  # n - 1 in the denominator: 3.61
-    assert f"| rd | synthetic | stripes | 3 | 93.00 ± {std:.2f} |" in text
+    assert f"| rd4ad | synthetic | stripes | 3 | 93.00 ± {std:.2f} |" in text
     assert "| stfpm | synthetic | stripes | 1 | 80.00 |" in text  # one run: no ±
     assert "± 0.00" not in text
     assert "mean ± sample std (n − 1) over seeds" in text
@@ -68,10 +68,12 @@ def test_a_cell_is_mean_and_sample_std_over_seeds_and_a_single_run_has_no_spread
     assert text == (tmp_path / "aggregate.md").read_text()
     assert any("aggregate.tex" in note for note in notes)
     rows = {(r["model"], r["category"]): r for r in read_csv(tmp_path / "aggregate.csv")}
-    rd, stfpm = rows[("rd", "stripes")], rows[("stfpm", "stripes")]
-    assert float(rd["image_auroc_mean"]) == pytest.approx(0.93)
-    assert float(rd["image_auroc_std"]) == pytest.approx(std / 100)
-    assert rd["image_auroc_n"] == "3" and rd["std_over"] == "seeds" and rd["seeds"] == "0 1 2"
+    rd4ad, stfpm = rows[("rd4ad", "stripes")], rows[("stfpm", "stripes")]
+    assert float(rd4ad["image_auroc_mean"]) == pytest.approx(0.93)
+    assert float(rd4ad["image_auroc_std"]) == pytest.approx(std / 100)
+    assert (
+        rd4ad["image_auroc_n"] == "3" and rd4ad["std_over"] == "seeds" and rd4ad["seeds"] == "0 1 2"
+    )
     assert stfpm["image_auroc_std"] == "" and stfpm["image_auroc_n"] == "1"  # undefined, not 0
 
 
@@ -81,7 +83,7 @@ def test_the_mean_rows_spread_is_over_seeds_of_the_category_mean_or_over_categor
     values = {"stripes": (0.90, 0.94, 0.80), "dots": (0.70, 0.78)}  # seed 2 ran stripes only
     for category, per_seed in values.items():
         for seed, value in enumerate(per_seed):
-            make_run(tmp_path, f"{category}{seed}", "rd", category, seed, value)
+            make_run(tmp_path, f"{category}{seed}", "rd4ad", category, seed, value)
     category_means = [np.mean(v) for v in values.values()]
     per_seed_means = [np.mean([values["stripes"][s], values["dots"][s]]) for s in (0, 1)]
 
@@ -93,7 +95,7 @@ def test_the_mean_rows_spread_is_over_seeds_of_the_category_mean_or_over_categor
     assert mean["std_over"] == "seeds, of the mean over categories" and mean["categories"] == "2"
     assert "the std over seeds of the per-seed mean over categories" in text
     expected = f"{100 * np.mean(category_means):.2f} ± {100 * np.std(per_seed_means, ddof=1):.2f}"
-    assert f"| rd | synthetic | **mean** | 5 | {expected} |" in text
+    assert f"| rd4ad | synthetic | **mean** | 5 | {expected} |" in text
 
     text, _ = summarize(tmp_path, plots=False, metrics="image_auroc", mean_spread="categories")
     (mean,) = [r for r in read_csv(tmp_path / "aggregate.csv") if r["category"] == "mean"]
@@ -104,8 +106,8 @@ def test_the_mean_rows_spread_is_over_seeds_of_the_category_mean_or_over_categor
 
 def _two_models(root: Path) -> None:
     for seed, value in enumerate((0.90, 0.92, 0.97)):
-        make_run(root, f"rd_metal{seed}", "rd", "metal_nut", seed, value)
-        make_run(root, f"rd_dots{seed}", "rd", "dots", seed, value - 0.1)
+        make_run(root, f"rd_metal{seed}", "rd4ad", "metal_nut", seed, value)
+        make_run(root, f"rd_dots{seed}", "rd4ad", "dots", seed, value - 0.1)
     make_run(root, "stfpm_metal", "stfpm", "metal_nut", 0, 0.95)
     make_run(root, "stfpm_dots", "stfpm", "dots", 0, 0.60)
 
@@ -117,7 +119,7 @@ def test_pivot_by_model_is_categories_by_models_in_markdown_csv_and_latex(
     text, _ = summarize(tmp_path, plots=False, pivot="model", metrics="image_auroc,pixel_aupro")
     assert text == (tmp_path / "aggregate_by_model.md").read_text()  # the pivot is printed
     std = 100 * statistics.stdev([0.90, 0.92, 0.97])
-    assert "| category | rd | stfpm |" in text  # data (one value) named in the caption
+    assert "| category | rd4ad | stfpm |" in text  # data (one value) named in the caption
     assert "image AUROC in % by model (data: synthetic)" in text
     assert f"| metal_nut | 93.00 ± {std:.2f} | **95.00** |" in text  # best of the row in bold
     assert f"| dots | **83.00** ± {std:.2f} | 60.00 |" in text
@@ -125,7 +127,7 @@ def test_pivot_by_model_is_categories_by_models_in_markdown_csv_and_latex(
 
     rows = read_csv(tmp_path / "aggregate_by_model.csv")
     assert list(rows[0]) == ["metric", "category"] + [
-        f"{m}_{s}" for m in ("rd", "stfpm") for s in ("mean", "std", "n")
+        f"{m}_{s}" for m in ("rd4ad", "stfpm") for s in ("mean", "std", "n")
     ]
     metal = next(r for r in rows if r["metric"] == "image_auroc" and r["category"] == "metal_nut")
     assert float(metal["rd_mean"]) == pytest.approx(0.93) and metal["stfpm_std"] == ""
@@ -171,12 +173,12 @@ def test_per_defect_rows_hold_each_defect_types_auroc_against_the_normal_images(
         good = [("good", 0, float(s)) for s in rng.normal(0, 1, 8)]
         crack = [("crack", 1, float(s)) for s in rng.normal(0.5, 1, 4)]
         hole = [("hole", 1, float(s)) for s in rng.normal(2, 1, 3)] + [("hole", 1, good[0][2])]
-        make_run(tmp_path, f"s{seed}", "rd", "bottle", seed, 0.9, scores=good + crack + hole)
+        make_run(tmp_path, f"s{seed}", "rd4ad", "bottle", seed, 0.9, scores=good + crack + hole)
         for name, rows in (("crack", crack), ("hole", hole)):
             expected[name].append(_auroc_by_pairs([s for *_, s in rows], [s for *_, s in good]))
         # A product with one defect type (BTAD's "ko"): its AUROC is the image AUROC, no rows.
         one = [("good", 0, 0.1), ("ko", 1, 0.9)]
-        make_run(tmp_path, f"btad{seed}", "rd", "01", seed, 1.0, scores=one, data="btad")
+        make_run(tmp_path, f"btad{seed}", "rd4ad", "01", seed, 1.0, scores=one, data="btad")
     text, _ = summarize(tmp_path, plots=False, defects=True, metrics="image_auroc")
     rows = read_csv(tmp_path / "aggregate_defects.csv")
     assert [(r["category"], r["defect_type"]) for r in rows] == [
@@ -192,7 +194,7 @@ def test_per_defect_rows_hold_each_defect_types_auroc_against_the_normal_images(
     crack = (
         f"{100 * np.mean(expected['crack']):.2f} ± {100 * np.std(expected['crack'], ddof=1):.2f}"
     )
-    assert f"| rd | synthetic | bottle | crack | 2 | 4 | {crack} |" in text  # printed: --defects
+    assert f"| rd4ad | synthetic | bottle | crack | 2 | 4 | {crack} |" in text  # printed: --defects
     assert "each defect type's test images against the normal test images" in text
 
     summarize(tmp_path, plots=False, pivot="model", metrics="image_auroc")
@@ -237,7 +239,7 @@ def test_both_grammars_print_tex_or_csv_to_stdout_and_notes_to_stderr(
 def test_a_user_mistake_is_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], named: str
 ) -> None:
-    make_run(tmp_path, "a", "rd", "dots", 0, 0.9)
+    make_run(tmp_path, "a", "rd4ad", "dots", 0, 0.9)
     assert main([str(tmp_path), "--no-plots", *argv]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
@@ -248,7 +250,7 @@ def test_a_user_mistake_is_one_line_and_exit_2(
 def test_a_path_that_is_not_a_folder_of_runs_is_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    not_a_folder = make_run(tmp_path, "a", "rd", "dots", 0, 0.9) / "metrics.json"
+    not_a_folder = make_run(tmp_path, "a", "rd4ad", "dots", 0, 0.9) / "metrics.json"
     for given, named in (
         (not_a_folder, f"{not_a_folder} is not a folder; expected a folder of runs"),
         (tmp_path / "nowhere", "is not a folder"),
@@ -282,8 +284,8 @@ def test_figures_are_written_in_each_format_with_the_curves_of_every_model(
     assert not (tmp_path / "curves_synthetic_metal_nut.png").exists()  # no curves.json there
     svg = (tmp_path / "curves_synthetic_dots.svg").read_text()
     # The first seed of each model, with its own AUROC from metrics.json in the legend.
-    assert "rd (seed 0): AUROC 80.00 %" in svg and "stfpm (seed 0): AUROC 60.00 %" in svg
-    assert "rd (seed 1)" not in svg
+    assert "rd4ad (seed 0): AUROC 80.00 %" in svg and "stfpm (seed 0): AUROC 60.00 %" in svg
+    assert "rd4ad (seed 1)" not in svg
     assert any(str(tmp_path / "curves_synthetic_dots.pdf") in note for note in notes)
 
 
@@ -307,16 +309,16 @@ def test_the_wandb_summary_run_has_a_mean_and_a_std_column_per_metric(tmp_path: 
     _two_models(tmp_path)
     _, notes = summarize(tmp_path, plots=False, wandb=True, pivot="model")
     assert "logged W&B summary run" in notes[-1]
-    run = _written_run(tmp_path, "rd/synthetic/mean/image_auroc_std")
+    run = _written_run(tmp_path, "rd4ad/synthetic/mean/image_auroc_std")
     assert run["job_type"] == "aggregate"
     summary = run["summary"]
     std = statistics.stdev([0.90, 0.92, 0.97])
-    assert summary["rd/synthetic/metal_nut/image_auroc_mean"] == pytest.approx(0.93)
-    assert summary["rd/synthetic/metal_nut/image_auroc_std"] == pytest.approx(std)
-    assert summary["rd/synthetic/metal_nut/pixel_aupro_mean"] == pytest.approx(0.83)
+    assert summary["rd4ad/synthetic/metal_nut/image_auroc_mean"] == pytest.approx(0.93)
+    assert summary["rd4ad/synthetic/metal_nut/image_auroc_std"] == pytest.approx(std)
+    assert summary["rd4ad/synthetic/metal_nut/pixel_aupro_mean"] == pytest.approx(0.83)
     assert summary["stfpm/synthetic/dots/image_auroc_mean"] == pytest.approx(0.60)
     assert "stfpm/synthetic/dots/image_auroc_std" not in summary  # one seed: no std
-    assert summary["rd/synthetic/mean/image_auroc_mean"] == pytest.approx(0.88)
-    assert summary["rd/synthetic/mean/image_auroc_std"] == pytest.approx(std)  # same per seed
+    assert summary["rd4ad/synthetic/mean/image_auroc_mean"] == pytest.approx(0.88)
+    assert summary["rd4ad/synthetic/mean/image_auroc_std"] == pytest.approx(std)  # same per seed
     assert run["history"]["aggregate/table/nrows"] == [6]  # 4 cells + 2 mean rows
     assert run["history"]["aggregate/by_model/nrows"] == [3 * 7]  # 3 rows x 7 metrics

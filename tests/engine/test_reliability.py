@@ -213,7 +213,13 @@ def test_aggregate_skips_a_malformed_metrics_file_and_pngs_are_readable(
 ) -> None:
     for name, text in {
         "good": json.dumps(
-            {"model": "rd", "data": "synthetic", "category": "dots", "seed": 0, "image_auroc": 0.9}
+            {
+                "model": "rd4ad",
+                "data": "synthetic",
+                "category": "dots",
+                "seed": 0,
+                "image_auroc": 0.9,
+            }
         ),
         "broken": "{not json",
         "foreign": json.dumps([1, 2, 3]),

@@ -81,23 +81,23 @@ def test_finished_run_continues_with_ckpt_path_last_to_the_same_weights(
 
 
 def test_resume_path_errors_are_one_line(uninterrupted: Path, tmp_path: Path) -> None:
-    cfg = OmegaConf.create({"ckpt_path": "last", "model_name": "rd", "allow_unsigned": False})
+    cfg = OmegaConf.create({"ckpt_path": "last", "model_name": "rd4ad", "allow_unsigned": False})
     with pytest.raises(KDADError, match=r"ckpt_path=last: no checkpoint at .*hydra.run.dir"):
         kdad_train.resume_path(cfg, RunFolder(tmp_path))
     cfg = OmegaConf.create(
         {"ckpt_path": str(uninterrupted), "model_name": "stfpm", "allow_unsigned": False}
     )
-    with pytest.raises(KDADError, match=r"holds a model=rd checkpoint.*pass model=rd"):
+    with pytest.raises(KDADError, match=r"holds a model=rd4ad checkpoint.*pass model=rd4ad"):
         kdad_train.resume_path(cfg, RunFolder(tmp_path))
     cfg = OmegaConf.create(
-        {"ckpt_path": str(uninterrupted), "model_name": "rd", "allow_unsigned": False}
+        {"ckpt_path": str(uninterrupted), "model_name": "rd4ad", "allow_unsigned": False}
     )
     assert kdad_train.resume_path(cfg, RunFolder(tmp_path)) == str(
         uninterrupted / "checkpoints" / "last.ckpt"
     )
     (tmp_path / "junk.ckpt").write_bytes(b"junk")
     cfg = OmegaConf.create(
-        {"ckpt_path": str(tmp_path / "junk.ckpt"), "model_name": "rd", "allow_unsigned": False}
+        {"ckpt_path": str(tmp_path / "junk.ckpt"), "model_name": "rd4ad", "allow_unsigned": False}
     )
     with pytest.raises(KDADError, match="not a readable kdad checkpoint"):
         kdad_train.resume_path(cfg, RunFolder(tmp_path))

@@ -52,7 +52,7 @@ def test_failing_job_does_not_stop_the_sweep_and_is_reported_missing(
 def test_optuna_search_runs_two_trials(env: dict[str, str], tmp_path: Path) -> None:
     sweep = tmp_path / "optuna"
     args = [
-        "hparams_search=rd_optuna",
+        "hparams_search=rd4ad_optuna",
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.sampler.n_startup_trials=1",
     ]
@@ -70,7 +70,7 @@ AS_TYPED = {
     "basic": ["model=hkt", "model.cbam=true,false"],
     "submitit_local": ["launcher=local_cpu", "seed=1,2"],
     "optuna": [
-        "hparams_search=rd_optuna",
+        "hparams_search=rd4ad_optuna",
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.sampler.n_startup_trials=1",
     ],

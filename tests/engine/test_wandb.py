@@ -129,13 +129,13 @@ def test_aggregate_takes_hydra_style_and_argparse_arguments(
     sweep = tmp_path / "sweep"
     job = sweep / "0"
     job.mkdir(parents=True)
-    metrics = {"model": "rd", "data": "synthetic", "category": "stripes", "seed": 0}
+    metrics = {"model": "rd4ad", "data": "synthetic", "category": "stripes", "seed": 0}
     metrics |= {"image_auroc": 0.9, "pixel_auroc": 0.8, "pixel_aupro": 0.7}
     (job / "metrics.json").write_text(json.dumps(metrics))
     proc = run_in_process(
         "kdad.cli.aggregate", [given.format(sweep=sweep), "plots=false"], env, tmp_path
     )
-    assert "rd" in proc.stdout and (sweep / "aggregate.md").is_file()
+    assert "rd4ad" in proc.stdout and (sweep / "aggregate.md").is_file()
     bad = run_in_process("kdad.cli.aggregate", [str(sweep), "colour=red"], env, tmp_path, expect=2)
     assert "colour=red: unknown key" in bad.stderr
 
@@ -162,7 +162,7 @@ def test_failed_job_of_a_multirun_ends_its_wandb_run_failed_and_summaries_are_pl
             "-m",
             *TINY,
             *QUIET,
-            "model=rd",
+            "model=rd4ad",
             "test_ckpt=last,best",
             "logger=wandb",
             f"hydra.sweep.dir={sweep}",
@@ -211,7 +211,14 @@ def test_single_run_failing_after_wandb_started_ends_its_run_failed(
     """test_ckpt=best with RD4AD (no best checkpoint kept): a user error after training."""
     folder = tmp_path / "run"
     env = {k: v for k, v in env.items() if k != "WANDB_SILENT"}
-    args = [*TINY, *QUIET, "model=rd", "test_ckpt=best", "logger=wandb", f"hydra.run.dir={folder}"]
+    args = [
+        *TINY,
+        *QUIET,
+        "model=rd4ad",
+        "test_ckpt=best",
+        "logger=wandb",
+        f"hydra.run.dir={folder}",
+    ]
     proc = run("kdad.cli.train", [*args, "logger.wandb.quiet=false"], env, tmp_path, expect=2)
     assert "kdad: error: test_ckpt=best but no best checkpoint" in proc.stderr
     (logged,) = [read_run(f) for f in find_run_files(folder)]
@@ -267,7 +274,7 @@ def test_wandb_sweep_recipe_builds_a_command_that_hydra_composes(
         "kdad.cli.train", [*command[2:], "--cfg", "job", "--resolve"], env, tmp_path
     )
     cfg = yaml.safe_load(proc.stdout)
-    assert cfg["model_name"] == "rd"
+    assert cfg["model_name"] == "rd4ad"
     assert cfg["optimizer"]["lr"] == values["optimizer.lr"]
     assert cfg["model"]["anomaly_map"]["sigma"] == values["model.anomaly_map.sigma"]
     wandb_cfg = cfg["logger"]["wandb"]

@@ -91,7 +91,7 @@ def assert_close(name: str, got: np.ndarray, expected: np.ndarray) -> None:
 
 
 def test_every_model_config_is_covered() -> None:
-    assert {"rd", "stfpm"} <= set(VARIANTS)
+    assert {"rd4ad", "stfpm"} <= set(VARIANTS)
     assert set(SKIP) <= set(VARIANTS), "SKIP names a variant that no longer exists"
 
 
@@ -205,7 +205,7 @@ def test_the_check_compares_raw_inputs_with_kdads_pipeline(
 def test_cli_exports_a_checkpoint_and_its_thresholds(tmp_path: Path) -> None:
     """Run as a user does (a new process): the file lands in the run folder, not in Hydra's."""
     run = tmp_path / "run"
-    save_checkpoint(tiny_module("rd"), run / "checkpoints" / "last.ckpt")
+    save_checkpoint(tiny_module("rd4ad"), run / "checkpoints" / "last.ckpt")
     proc = subprocess.run(
         [
             sys.executable,
@@ -222,7 +222,7 @@ def test_cli_exports_a_checkpoint_and_its_thresholds(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "model.pt").is_file() and not (tmp_path / "hydra" / "model.pt").exists()
     meta = json.loads((run / "model.pt.json").read_text())
-    assert meta["model"] == "rd" and meta["thresholds"]["image"]["threshold"] == 1.5
+    assert meta["model"] == "rd4ad" and meta["thresholds"]["image"]["threshold"] == 1.5
     assert meta["check"]["anomaly_map_max_abs_diff"] <= TOLERANCE and meta["check"]["batch"] == 2
     assert not list(run.glob(".*.tmp*"))  # written via a temporary file, nothing left over
 

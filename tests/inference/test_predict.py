@@ -522,7 +522,7 @@ def bad_checkpoints(trained: Path, tmp_path: Path) -> dict[str, tuple[Path, str]
     save_signed(
         "reshaped.ckpt",
         {**checkpoint, "state_dict": state, "kdad": unchecked},
-        "weights do not fit the model=rd",
+        "weights do not fit the model=rd4ad",
     )
     return files
 

@@ -31,7 +31,7 @@ def _finished_run() -> tuple[SimpleNamespace, ...]:
     """(trainer, module, datamodule, speed) of a run that has been tested, as rank 0 sees it."""
     net = SimpleNamespace(num_parameters=lambda trainable=None: 7 if trainable else 10)
     module = SimpleNamespace(
-        hparams=SimpleNamespace(model_name="rd"),
+        hparams=SimpleNamespace(model_name="rd4ad"),
         test_results={key: 0.5 + i / 100 for i, key in enumerate(METRIC_KEYS)},
         train_stats={"train_seconds": 12.5, "train_images_per_second": 3.0},
         net=net,

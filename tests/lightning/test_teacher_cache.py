@@ -59,7 +59,7 @@ def test_over_budget_turns_itself_off(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_training_step_runs_the_teacher_only_for_unseen_images() -> None:
     model = {
-        "_target_": "kdad.models.rd4ad.ReverseDistillation",
+        "_target_": "kdad.models.rd4ad.RD4AD",
         "backbone": "resnet18",
         "pretrained": False,
     }
@@ -93,7 +93,7 @@ def test_bad_setting_is_a_one_line_error() -> None:
         DistillationModule(model, optimizer, teacher_cache="sometimes")
 
 
-@pytest.mark.parametrize("model", ["rd", "hkt_plus"])
+@pytest.mark.parametrize("model", ["rd4ad", "hkt_plus"])
 def test_training_with_and_without_the_cache_ends_with_the_same_weights(
     model: str, inprocess_data_cache: None, tmp_path: Path
 ) -> None:

@@ -87,14 +87,14 @@ def test_generator_smooths_the_fused_map_as_scipy_does(sigma: float, size: tuple
 
 
 def test_rd4ad_config_smooths_its_maps_with_sigma_4() -> None:
-    """model=rd's map: the sum of the per-layer 1 - cos maps, upsampled with
+    """model=rd4ad's map: the sum of the per-layer 1 - cos maps, upsampled with
     align_corners=True, then scipy's gaussian_filter with the official sigma 4."""
-    from kdad.models.rd4ad import ReverseDistillation
+    from kdad.models.rd4ad import RD4AD
 
-    anomaly_map = _composed_anomaly_map("rd")
+    anomaly_map = _composed_anomaly_map("rd4ad")
     assert anomaly_map["sigma"] == 4.0  # hq-deng/RD4AD test.py: gaussian_filter(sigma=4)
     torch.manual_seed(0)
-    model = ReverseDistillation("resnet18", pretrained=False, anomaly_map=anomaly_map).eval()
+    model = RD4AD("resnet18", pretrained=False, anomaly_map=anomaly_map).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         maps, scores = model.predict(images)

@@ -12,11 +12,11 @@ from clirun import TINY, run, run_in_process
 from torch.utils.data import DataLoader
 
 from kdad.errors import KDADError
-from kdad.models.knn import NearestNeighbourReference, greedy_coreset
+from kdad.models.knn import KNN, greedy_coreset
 
 
-def small(**kwargs) -> NearestNeighbourReference:
-    return NearestNeighbourReference(**{"backbone": "resnet18", "pretrained": False, **kwargs})
+def small(**kwargs) -> KNN:
+    return KNN(**{"backbone": "resnet18", "pretrained": False, **kwargs})
 
 
 def loader(images: torch.Tensor, batch_size: int = 4) -> DataLoader:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kdad.errors import KDADError
-from kdad.models.rd4ad import ReverseDistillation, reverse_distillation_loss
+from kdad.models.rd4ad import RD4AD, reverse_distillation_loss
 from kdad.models.stfpm import STFPM, pyramid_matching_loss
 
 
@@ -24,7 +24,7 @@ def _count(module: torch.nn.Module) -> int:
 def test_rd4ad_trainable_parameters_match_official_code(
     backbone: str, bottleneck: int, decoder: int
 ) -> None:
-    model = ReverseDistillation(backbone, pretrained=False)
+    model = RD4AD(backbone, pretrained=False)
     assert _count(model.bn) == bottleneck
     assert _count(model.decoder) == decoder
     assert model.num_parameters(trainable=True) == bottleneck + decoder
@@ -40,7 +40,7 @@ def test_rd4ad_trainable_parameters_match_official_code(
     ],
 )
 def test_rd4ad_shapes(backbone: str, size: int, channels: tuple[int, ...]) -> None:
-    model = ReverseDistillation(backbone, pretrained=False).eval()
+    model = RD4AD(backbone, pretrained=False).eval()
     images = torch.randn(2, 3, size, size)
     pairs = model(images)
     assert [t.shape[1] for t, _ in pairs] == list(channels)
@@ -63,7 +63,7 @@ def test_stfpm_shapes() -> None:
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: ReverseDistillation("resnet18", pretrained=False),
+        lambda: RD4AD("resnet18", pretrained=False),
         lambda: STFPM("resnet18", pretrained=False),
     ],
 )
@@ -102,7 +102,7 @@ def test_stfpm_loss_matches_eq2() -> None:
 
 def test_rd_needs_three_layers() -> None:
     with pytest.raises(KDADError, match="exactly 3"):
-        ReverseDistillation("resnet18", layers=[1, 2], pretrained=False)
+        RD4AD("resnet18", layers=[1, 2], pretrained=False)
 
 
 def test_unknown_backbone_is_a_user_error() -> None:

@@ -25,7 +25,7 @@ from kdad.lightning.loading import load_module
 from kdad.models.components.feature_bank import NormalFeatureBank, select_bank_images
 from kdad.models.components.hafm import FUSIONS, HAFM, StageFusion
 from kdad.models.nferd import NFERD, BankSettings
-from kdad.models.rd4ad import ReverseDistillation
+from kdad.models.rd4ad import RD4AD
 
 NFB_DEFAULTS = dataclasses.asdict(BankSettings())
 
@@ -254,7 +254,7 @@ def test_both_loss_forms_match_reference_computations() -> None:
     assert pp_model.loss_form == "per_position"
     torch.testing.assert_close(flat_model.loss(pairs).item(), flattened, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pp_model.loss(pairs).item(), per_position, rtol=1e-5, atol=1e-6)
-    assert torch.equal(flat_model.loss(pairs), ReverseDistillation.loss(flat_model, pairs))
+    assert torch.equal(flat_model.loss(pairs), RD4AD.loss(flat_model, pairs))
     with pytest.raises(KDADError, match=r"model\.loss="):
         _nferd(loss="pixel")
     with pytest.raises(KDADError, match=r"model\.nfb\.recall="):
@@ -334,39 +334,39 @@ def test_every_fusion_mode_trains_and_only_the_student_gets_gradients(
 def test_without_bank_and_fusion_it_is_rd4ad(backbone: str) -> None:
     with torch.device("meta"):  # names and shapes only: no memory, no init time
         nferd = NFERD(backbone, pretrained=False, nfb={"enabled": False}, fusion="none")
-        rd = ReverseDistillation(backbone, pretrained=False)
+        rd4ad = RD4AD(backbone, pretrained=False)
     shapes = {n: tuple(p.shape) for n, p in nferd.named_parameters()}
-    assert shapes == {n: tuple(p.shape) for n, p in rd.named_parameters()}
+    assert shapes == {n: tuple(p.shape) for n, p in rd4ad.named_parameters()}
     assert {n: tuple(b.shape) for n, b in nferd.named_buffers()} == {
-        n: tuple(b.shape) for n, b in rd.named_buffers()
+        n: tuple(b.shape) for n, b in rd4ad.named_buffers()
     }
-    assert nferd.state_dict().keys() == rd.state_dict().keys()
+    assert nferd.state_dict().keys() == rd4ad.state_dict().keys()
 
 
 def test_without_bank_and_fusion_it_computes_rd4ad() -> None:
     nferd = NFERD("resnet18", pretrained=False, nfb={"enabled": False}, fusion="none")
-    rd = ReverseDistillation("resnet18", pretrained=False)
-    nferd.load_state_dict(rd.state_dict())  # strict: RD4AD checkpoints load as they are
+    rd4ad = RD4AD("resnet18", pretrained=False)
+    nferd.load_state_dict(rd4ad.state_dict())  # strict: RD4AD checkpoints load as they are
     images = _images(2)
-    for (t1, p1), (t2, p2) in zip(nferd.eval()(images), rd.eval()(images), strict=True):
+    for (t1, p1), (t2, p2) in zip(nferd.eval()(images), rd4ad.eval()(images), strict=True):
         assert torch.equal(t1, t2) and torch.equal(p1, p2)
     # ... and with the official flattened loss, the same loss (the default is section 3.4's).
     flat = NFERD(
         "resnet18", pretrained=False, nfb={"enabled": False}, fusion="none", loss="flattened"
     )
-    flat.load_state_dict(rd.state_dict())
-    assert torch.equal(flat.loss(flat.eval()(images)), rd.loss(rd(images)))
+    flat.load_state_dict(rd4ad.state_dict())
+    assert torch.equal(flat.loss(flat.eval()(images)), rd4ad.loss(rd4ad(images)))
 
 
 def test_bank_adds_parameters_only_where_it_should() -> None:
-    rd = ReverseDistillation("resnet18", pretrained=False).num_parameters(trainable=True)
+    rd4ad = RD4AD("resnet18", pretrained=False).num_parameters(trainable=True)
     add = _nferd(fusion="add").num_parameters(trainable=True)
-    assert add - rd == sum(c * c + c for c in (64, 128, 256))  # three 1x1 projections
+    assert add - rd4ad == sum(c * c + c for c in (64, 128, 256))  # three 1x1 projections
     # nferd_plus: and three learned inverse temperatures
     plus = _nferd(fusion="add", nfb={"learn_temperature": True, "weighting": "softmax"})
     assert plus.num_parameters(trainable=True) - add == 3
     attention_only = NFERD("resnet18", pretrained=False, nfb={"enabled": False}, fusion="hafm")
-    assert attention_only.banks is None and attention_only.num_parameters(trainable=True) > rd
+    assert attention_only.banks is None and attention_only.num_parameters(trainable=True) > rd4ad
 
 
 # --- building the bank: training images only, deterministic ----------------------------------

@@ -62,15 +62,17 @@ def _overlapping(boxes) -> list:
 
 def test_curve_legends_show_each_runs_area_and_the_aupro_limit() -> None:
     areas = {
-        "rd": {"image_auroc": 0.97123, "pixel_auroc": 0.9, "pixel_aupro": 0.9312},
+        "rd4ad": {"image_auroc": 0.97123, "pixel_auroc": 0.9, "pixel_aupro": 0.9312},
         "stfpm": {"image_auroc": 0.8, "pixel_auroc": float("nan"), "pixel_aupro": 0.7},
     }
-    fig = curves_figure({"rd": _curves(0.3), "stfpm": _curves(0.6)}, areas, "mvtec / bottle", 0.3)
+    fig = curves_figure(
+        {"rd4ad": _curves(0.3), "stfpm": _curves(0.6)}, areas, "mvtec / bottle", 0.3
+    )
     image_roc, pixel_roc, pro = fig.axes[:3]
     legend = [t.get_text() for t in image_roc.get_legend().get_texts()]
-    assert legend == ["rd: AUROC 97.12 %", "stfpm: AUROC 80.00 %"]
+    assert legend == ["rd4ad: AUROC 97.12 %", "stfpm: AUROC 80.00 %"]
     assert [t.get_text() for t in pixel_roc.get_legend().get_texts()][1] == "stfpm: AUROC –"
-    assert pro.get_legend().get_texts()[0].get_text() == "rd: AUPRO 93.12 %"
+    assert pro.get_legend().get_texts()[0].get_text() == "rd4ad: AUPRO 93.12 %"
     assert pro.get_title() == "PRO (AUPRO: FPR ≤ 0.3)"
     assert any(list(line.get_xdata()) == [0.3, 0.3] for line in pro.get_lines())  # the limit
     _draw(fig)
@@ -81,12 +83,14 @@ def test_curve_legends_show_each_runs_area_and_the_aupro_limit() -> None:
 def test_heatmap_grid_has_a_colour_bar_per_model_on_that_models_scale() -> None:
     paths = ["bottle/test/good/0.png", "bottle/test/crack/1.png", "bottle/test/good/2.png"]
     paths_b = [paths[1], paths[0], "bottle/test/good/9.png"]  # another order, one not shared
-    samples = {"rd": _samples(0, paths), LONG: _samples(4, paths_b)}
-    samples["rd"]["mask"] = np.roll(samples["rd"]["mask"], 1, axis=0)  # the crack is anomalous
+    samples = {"rd4ad": _samples(0, paths), LONG: _samples(4, paths_b)}
+    samples["rd4ad"]["mask"] = np.roll(
+        samples["rd4ad"]["mask"], 1, axis=0
+    )  # the crack is anomalous
     fig = heatmap_grid_figure(samples)
     bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
     assert len(bars) == 2
-    shown = {"rd": [1, 0], LONG: [0, 1]}  # the rows of the two shared images, anomalous first
+    shown = {"rd4ad": [1, 0], LONG: [0, 1]}  # the rows of the two shared images, anomalous first
     for bar, model in zip(bars, samples, strict=True):
         maps = samples[model]["map"][shown[model]]
         assert bar.get_xlim() == pytest.approx((maps.min(), maps.max()))  # horizontal bar
@@ -105,13 +109,13 @@ def test_bar_titles_legend_and_ticks_do_not_overlap() -> None:
             "data": "mvtec",
             "category": category,
             "image_auroc_mean": 0.9,
-            "image_auroc_std": float("nan") if model == "rd" else 0.01,
+            "image_auroc_std": float("nan") if model == "rd4ad" else 0.01,
             "pixel_auroc_mean": 0.8,
             "pixel_auroc_std": 0.02,
             "pixel_aupro_mean": 0.7,
             "pixel_aupro_std": 0.03,
         }
-        for model in ("rd", LONG)
+        for model in ("rd4ad", LONG)
         for category in ("metal_nut", "toothbrush", "transistor")
     ]
     fig = bars_figure(rows)
@@ -125,7 +129,7 @@ def test_bar_titles_legend_and_ticks_do_not_overlap() -> None:
 
 
 def test_every_format_is_written_the_same_way_twice(tmp_path: Path) -> None:
-    curves = {"rd": _curves(0.5)}
+    curves = {"rd4ad": _curves(0.5)}
     first = plot_curves(curves, tmp_path / "a" / "curves", formats=("svg", "pdf", "png"))
     assert [p.name for p in first] == ["curves.png", "curves.pdf", "curves.svg"]  # PNG first
     assert first[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -134,7 +138,7 @@ def test_every_format_is_written_the_same_way_twice(tmp_path: Path) -> None:
     assert [p.read_bytes() for p in again] == [p.read_bytes() for p in first[1:]]
     assert not list(tmp_path.rglob(".curves*"))  # no temporary files left
     paths = ["x/good/0.png", "x/crack/1.png"]
-    assert heatmap_grid({"rd": _samples(0, paths)}, tmp_path / "h", formats=("pdf",)) == [
+    assert heatmap_grid({"rd4ad": _samples(0, paths)}, tmp_path / "h", formats=("pdf",)) == [
         tmp_path / "h.pdf"
     ]
     with pytest.raises(ValueError, match="unknown figure format 'jpg'"):
