@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from kdad.config import current_model_name
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap")
@@ -40,6 +42,8 @@ def runs(stage: str) -> list[dict]:
         metrics = json.loads(path.read_text())
         config_path = path.parent / "config.yaml"
         config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+        # The study runs a pinned commit where RD4AD was still model=rd: its current name.
+        metrics["model"] = current_model_name(metrics["model"])
         found.append({**metrics, "run": path.parent.name, "config": config})
     return found
 

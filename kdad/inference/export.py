@@ -24,7 +24,7 @@ float32): the TorchScript-based exporter has no antialiased Resize, and ONNX's o
 scale factors (experiments/benchmark/results/export_preprocess_cpu.md).
 
 Beside the model, ``<output>.json`` holds what a deployment needs: the input contract, the
-output shapes, the thresholds and normalisation of the checkpoint (:mod:`kdad.thresholds`) and
+output shapes, the thresholds and normalisation of the checkpoint (:mod:`kdad.metrics.thresholds`) and
 the measured difference to PyTorch. The same JSON is embedded in the file (ONNX
 ``metadata_props["kdad"]``, TorchScript extra file ``kdad.json``).
 
