@@ -209,7 +209,8 @@ class SaveOnInterrupt(L.Callback):
         self.deferred: tuple[Any, int, Any] | None = None  # the scheduler's handler and call
         self._replaced: tuple[signal.Signals, Any] | None = None
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning's SIGTERM handler is in place by now (it is registered after on_fit_start).
         number = scheduler_signal()
         if number is None or self._replaced is not None:
             return
@@ -229,7 +230,14 @@ class SaveOnInterrupt(L.Callback):
         signal.signal(number, defer)
         self._replaced = (number, original)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        """The scheduler's own handler again: outside the training loop it acts at once."""
         if self._replaced is not None:
             signal.signal(*self._replaced)
             self._replaced = None

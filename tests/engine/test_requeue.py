@@ -81,7 +81,7 @@ def test_without_a_scheduler_its_signal_is_left_alone(env: dict[str, str], tmp_p
     os.environ.pop("SUBMITIT_EXECUTOR", None)
     assert scheduler_signal() is None
     previous = signal.getsignal(signal.SIGUSR2)
-    SaveOnInterrupt(tmp_path / "last.ckpt").on_fit_start(None, None)  # type: ignore[arg-type]
+    SaveOnInterrupt(tmp_path / "last.ckpt").on_train_start(None, None)  # type: ignore[arg-type]
     assert signal.getsignal(signal.SIGUSR2) is previous
 
 
