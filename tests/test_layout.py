@@ -1,4 +1,4 @@
-"""The house rules of kdad's layout, checked on the source (README "Layout")."""
+"""The house rules of kdad's layout, checked on the source (kdad/README.md, "Layout")."""
 
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-# The contract of metrics.json (README, "What a run leaves behind"): exactly these keys, metrics as fractions in [0, 1]; after the
-# MVTec AD AUPRO, the PRO as the official RD4AD and STFPM code compute it (README, Metrics).
+# The contract of metrics.json (kdad/io/README.md): exactly these keys, metrics as fractions in [0, 1]; after the
+# MVTec AD AUPRO, the PRO as the official RD4AD and STFPM code compute it (kdad/README.md, "Metrics").
 METRIC_KEYS = (
     "image_auroc",
     "pixel_auroc",

@@ -5,7 +5,7 @@ clearly better than the same network with random weights.
 Each variant is trained twice on the same budget (64 px, batch 8, 8 epochs, category
 ``stripes``), once with the packaged ImageNet EfficientNet-Lite0 teacher and once with the
 same architecture randomly initialised. Bars are set from measured runs with margin (the
-README's Tests section gives the measured values).
+measured values are in the comment above the bars).
 """
 
 from __future__ import annotations
