@@ -130,7 +130,7 @@ def test_pivot_by_model_is_categories_by_models_in_markdown_csv_and_latex(
         f"{m}_{s}" for m in ("rd4ad", "stfpm") for s in ("mean", "std", "n")
     ]
     metal = next(r for r in rows if r["metric"] == "image_auroc" and r["category"] == "metal_nut")
-    assert float(metal["rd_mean"]) == pytest.approx(0.93) and metal["stfpm_std"] == ""
+    assert float(metal["rd4ad_mean"]) == pytest.approx(0.93) and metal["stfpm_std"] == ""
 
     tex = (tmp_path / "aggregate_by_model.tex").read_text()
     assert r"\usepackage{booktabs}" in tex and tex.count(r"\begin{tabular}{lrr}") == 2
@@ -200,7 +200,7 @@ def test_per_defect_rows_hold_each_defect_types_auroc_against_the_normal_images(
     summarize(tmp_path, plots=False, pivot="model", metrics="image_auroc")
     pivot = read_csv(tmp_path / "aggregate_defects_by_model.csv")
     assert [r["defect_type"] for r in pivot] == ["crack", "hole"]  # one category: in the caption
-    assert float(pivot[1]["rd_mean"]) == pytest.approx(np.mean(expected["hole"]))
+    assert float(pivot[1]["rd4ad_mean"]) == pytest.approx(np.mean(expected["hole"]))
     assert (
         "(data: synthetic; category: bottle)"
         in (tmp_path / "aggregate_defects_by_model.md").read_text()
