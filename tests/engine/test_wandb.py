@@ -278,4 +278,4 @@ def test_wandb_sweep_recipe_builds_a_command_that_hydra_composes(
     assert cfg["optimizer"]["lr"] == values["optimizer.lr"]
     assert cfg["model"]["anomaly_map"]["sigma"] == values["model.anomaly_map.sigma"]
     wandb_cfg = cfg["logger"]["wandb"]
-    assert wandb_cfg["group"] == "rd_wandb_sweep" and wandb_cfg["id"] == "trial01"
+    assert wandb_cfg["group"] == "rd4ad_wandb_sweep" and wandb_cfg["id"] == "trial01"
