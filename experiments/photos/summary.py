@@ -5,7 +5,7 @@
 - convergence: each variant's metrics against the epoch count (one category, seed 0);
 - each table of variants: metrics in %, mean ± std over the seeds (a seed's value: the mean
   over the table's categories), the kNN line's row beside them, and each row's gap to it;
-  then image AUROC per category.
+  then image AUROC, pixel AUROC and AUPRO per category.
 
 Every number the README of this study quotes is in ``results/summary.md`` (or in a stage's
 ``aggregate.md``, written by ``kdad-aggregate``).
@@ -128,11 +128,13 @@ def variants_table(rows: list[dict], keys: tuple[str, ...] = ()) -> list[str]:
     return out
 
 
-def per_category(rows: list[dict], keys: tuple[str, ...] = ()) -> list[str]:
+def per_category(
+    rows: list[dict], keys: tuple[str, ...] = (), metric: str = "image_auroc"
+) -> list[str]:
     values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in rows:
         name = label(run, keys if run["model"] != REFERENCE else ())
-        values[name][run["category"]].append(run["image_auroc"])
+        values[name][run["category"]].append(run[metric])
     categories = sorted({c for v in values.values() for c in v})
     out = [
         "| variant | " + " | ".join(categories) + " |",
@@ -190,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     for stage, title in (("headline", "Headline: Lite0 teacher"), ("lite2", "Lite2 teacher")):
         rows = runs(stage)
         if rows:
-            lines += [f"## {title}", "", *variants_table(rows), "", "Image AUROC per category:", ""]
-            lines += [*per_category(rows), ""]
+            lines += [f"## {title}", "", *variants_table(rows), ""]
+            for metric in ("image_auroc", "pixel_auroc", "pixel_aupro"):
+                lines += [f"{NAMES[metric][0].upper()}{NAMES[metric][1:]} per category:", ""]
+                lines += [*per_category(rows, metric=metric), ""]
     headline = runs("headline")
     for stage, (model, options) in SWITCHES.items():
         rows = runs(stage)
