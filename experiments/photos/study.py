@@ -86,7 +86,10 @@ def teacher(name: str) -> list[str]:
 
 
 def run_name(model: str, category: str, seed: int, extra: list[str]) -> str:
-    tag = "".join(f"_{o.split('=', 1)[0].rsplit('.', 1)[-1]}-{o.split('=', 1)[1]}" for o in extra)
+    """``<model>[_<key>-<value>...]_<category>_seed<seed>``: one tag per override, also where
+    one option sets several keys (``"a.b=1 a.c=2"``), so the name has no spaces or ``=``."""
+    parts = [part for option in extra for part in option.split()]
+    tag = "".join(f"_{p.split('=', 1)[0].rsplit('.', 1)[-1]}-{p.split('=', 1)[1]}" for p in parts)
     return f"{model}{tag}_{category}_seed{seed}"
 
 
