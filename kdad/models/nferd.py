@@ -292,18 +292,21 @@ class NFERD(RD4AD):
         return sizes[::-1]
 
     def _own_entries(self, targets: list[Tensor]) -> Tensor:
-        """(B, N) bool: which bank entries are the batch's own images (identical deepest teacher map)."""
+        """(B, N) bool: which bank entries are the batch's own images: the same deepest teacher
+        map up to float rounding (squared distance within 1e-6 of the map's squared norm).
+
+        Not a cosine threshold: crops of one photograph can have deepest maps with cosine above
+        0.9999 without being the same image, and would all be excluded."""
         stored = self.banks[-1].features
         deepest = targets[-1]
         if deepest.shape[-2:] != stored.shape[-2:]:
             deepest = F.interpolate(
                 deepest, size=stored.shape[-2:], mode="bilinear", align_corners=False
             )
-        sim = (
-            F.normalize(deepest.flatten(1), dim=1)
-            @ F.normalize(stored.flatten(1).to(deepest.dtype), dim=1).T
-        )
-        return sim > 1 - 1e-4
+        rows = deepest.detach().flatten(1).float()
+        entries = stored.flatten(1).float()
+        distance = torch.cdist(rows, entries, compute_mode="donot_use_mm_for_euclid_dist")
+        return distance.square() <= 1e-6 * rows.square().sum(dim=1, keepdim=True)
 
     # --- the variant's interface -------------------------------------------------------------
     def forward(self, images: Tensor, targets: list[Tensor] | None = None) -> FeaturePairs:

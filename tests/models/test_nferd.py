@@ -283,6 +283,23 @@ def test_default_is_the_papers_reading_whole_maps_plain_weights_gradient_through
     assert torch.autograd.grad(no_grad.sum(), student, allow_unused=True)[0] is None  # ...no grad
 
 
+def test_exclude_self_excludes_the_image_itself_not_its_near_duplicates() -> None:
+    """Crops of one photograph can have deepest teacher maps with cosine above 0.9999: only the
+    image itself (the same map up to rounding) is excluded, never a merely similar one."""
+    base = _images(1)
+    images = torch.cat([base + 0.01 * _images(1, seed=s) for s in range(6)])
+    model = _nferd(nfb={"size": 6, "top_k": 2, "exclude_self": True}).train()
+    model.before_fit(_loader(images, batch_size=6, shuffle=False))
+    with torch.no_grad():
+        targets = model.teacher_features(images[:3])
+    stored = model.banks[-1].features.flatten(1)
+    cos = F.normalize(targets[-1].flatten(1), dim=1) @ F.normalize(stored, dim=1).T
+    assert (cos > 1 - 1e-4).all()  # near-duplicates by cosine: the old test excluded all six
+    own = model._own_entries(targets)
+    assert own.sum(dim=1).tolist() == [1, 1, 1]  # each image its own entry, nothing else
+    model(images[:3], targets)  # and training recalls from the others (no error)
+
+
 # --- shapes, gradients, RD4AD equivalence ----------------------------------------------------
 @pytest.mark.parametrize(
     ("backbone", "channels"),
