@@ -212,8 +212,10 @@ def _forward_ok(probe: Any, size: int, train: bool = True) -> str | None:
     logging.getLogger("kdad").setLevel(logging.ERROR)  # "the bank holds all of them", etc.
     try:
         if train:
+            # top_k + 1 distinct images: with exclude_self the zeros recall from the others
             top_k = max(int(getattr(probe, "nfb_top_k", 1) or 1), 1)
-            probe.before_fit(DataLoader([images[0]] * top_k, batch_size=top_k))
+            bank = [torch.full_like(images[0], i / (top_k + 1)) for i in range(top_k + 1)]
+            probe.before_fit(DataLoader(bank, batch_size=top_k + 1))
             probe.train()
             probe.loss(probe(images))
         probe.eval()

@@ -570,3 +570,14 @@ def test_ablation_experiment_is_a_multirun_grid_of_valid_models() -> None:
             with torch.device("meta"):
                 model = NFERD("resnet18", pretrained=False, nfb=dict(bank), fusion=fusion)
             assert (model.banks is not None) == enabled
+
+
+def test_kdad_train_runs_with_exclude_self(env: dict[str, str], tmp_path: Path) -> None:
+    """The pre-training dry run builds the probe's bank from distinct images: with identical
+    ones every entry was the input itself, and every exclude_self run stopped there."""
+    from clirun import TINY, run_in_process
+
+    out = tmp_path / "run"
+    args = [*TINY, "model=nferd", "model.nfb.exclude_self=true", "logger=none", "callbacks=none"]
+    run_in_process("kdad.cli.train", [*args, f"hydra.run.dir={out}"], env, tmp_path)
+    assert (out / "metrics.json").is_file()
