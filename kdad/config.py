@@ -150,6 +150,12 @@ def current_model_name(name: str) -> str:
     return MODEL_ALIASES.get(name, name)
 
 
+def current_target(target: str) -> str:
+    """``target`` (a model ``_target_`` as a checkpoint or results file records it) as the
+    variant's class is named now."""
+    return RENAMED_TARGETS.get(target, target)
+
+
 # --- the schema: structured configs built from the constructors' source ----------------------
 # The variants: conf/model/<file>.yaml names ``/schema_model_<name>@model`` in its defaults list.
 MODEL_SCHEMAS = {

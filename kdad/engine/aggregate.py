@@ -54,7 +54,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from kdad.config import RENAMED_TARGETS, current_model_name, flatten
+from kdad.config import current_model_name, current_target, flatten
 from kdad.engine.wandb import offline_unless_configured
 from kdad.errors import KDADError, one_line
 from kdad.io.atomic import write_csv_atomic, write_text_atomic
@@ -177,7 +177,7 @@ def _current_names(run: Run) -> Run:
         run.config["model_name"] = current_model_name(str(run.config["model_name"]))
     target = run.config.get("model._target_")
     if isinstance(target, str):
-        run.config["model._target_"] = RENAMED_TARGETS.get(target, target)
+        run.config["model._target_"] = current_target(target)
     return run
 
 

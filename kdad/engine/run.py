@@ -286,30 +286,24 @@ def train(cfg: DictConfig) -> float | None:
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    last = out.last.relative_to(out.path)
+    stopped = None  # when and with what the run stopped early
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     except SIGTERMException:
-        kept = (
-            f"{out.last.relative_to(out.path)} saved"
-            if saver.saved
-            else "no checkpoint could be saved"
+        kept = f"{last} saved" if saver.saved else "no checkpoint could be saved"
+        stopped = f"in epoch {trainer.current_epoch + 1}; {kept}"
+    else:
+        if saver.deferred is not None:  # the scheduler's signal came as fitting ended
+            stopped = f"after training; {last} saved"
+    if stopped is not None and saver.deferred is None:
+        raise Interrupted(
+            f"stopped by SIGTERM {stopped}: run the same command again to resume (resume=auto)"
         )
-        if saver.deferred is not None:  # the scheduler's requeue signal: it takes over
-            raise Interrupted(
-                f"stopped by the job scheduler's {signal.Signals(saver.deferred[1]).name} in "
-                f"epoch {trainer.current_epoch + 1}; {kept}: the requeued job (or the same "
-                "command again) resumes it (resume=auto)",
-                hand_over=saver.hand_over,
-            ) from None
+    if stopped is not None:  # the scheduler's requeue signal: its handler takes over
         raise Interrupted(
-            f"stopped by SIGTERM in epoch {trainer.current_epoch + 1}; {kept}: run the same "
-            "command again to resume (resume=auto)"
-        ) from None
-    if saver.deferred is not None:  # the scheduler's signal came as fitting ended
-        raise Interrupted(
-            f"stopped by the job scheduler's {signal.Signals(saver.deferred[1]).name} after "
-            f"training; {out.last.relative_to(out.path)} saved: the requeued job (or the same "
-            "command again) tests it (resume=auto)",
+            f"stopped by the job scheduler's {signal.Signals(saver.deferred[1]).name} {stopped}: "
+            "the requeued job (or the same command again) resumes it (resume=auto)",
             hand_over=saver.hand_over,
         )
     # The fitter has set the thresholds (on_fit_end): the final checkpoint carries them, with

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kdad.config import RENAMED_TARGETS
+from kdad.config import current_target
 from kdad.errors import KDADError
 from kdad.io.checkpoint import (
     checkpoint_model_name,
@@ -31,7 +31,7 @@ def _checked_model_config(path: Path, hparams: Mapping[str, Any]) -> dict[str, A
     if not isinstance(model_cfg, Mapping):
         raise KDADError(f"ckpt_path={path}: its hyper-parameters hold no model config")
     target = str(model_cfg.get("_target_", ""))
-    target = RENAMED_TARGETS.get(target, target)  # a checkpoint from before a class was renamed
+    target = current_target(target)  # a checkpoint from before a class was renamed
     if not target.startswith(TRUSTED_TARGET_PREFIXES):
         raise KDADError(
             f"ckpt_path={path}: its model._target_={target!r} is not a kdad variant; refusing to build it"

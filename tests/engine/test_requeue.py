@@ -74,11 +74,13 @@ def test_the_schedulers_signal_saves_and_marks_the_run_before_its_handler_requeu
     assert (folder / "metrics.json").is_file() and not (folder / "INTERRUPTED").exists()
 
 
-def test_without_a_scheduler_its_signal_is_left_alone(env: dict[str, str], tmp_path: Path) -> None:
+def test_without_a_scheduler_its_signal_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Outside submitit kdad installs no handler for USR2: the process's own one stays."""
     from kdad.lightning.callbacks import SaveOnInterrupt, scheduler_signal
 
-    os.environ.pop("SUBMITIT_EXECUTOR", None)
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
     assert scheduler_signal() is None
     previous = signal.getsignal(signal.SIGUSR2)
     SaveOnInterrupt(tmp_path / "last.ckpt").on_train_start(None, None)  # type: ignore[arg-type]
