@@ -23,12 +23,14 @@ Choices the text leaves open (documented in the README, switchable in the config
 - ``w``: ``softmax`` of the K similarities divided by ``temperature`` ("a softmax of their
   similarities"; ``learn_temperature`` trains the inverse temperature), ``uniform`` (the mean
   of the K maps) or ``linear`` (similarities normalised to sum to one, clamped at zero).
-- ``similarity_grad``: whether gradients flow through ``S``. Without (kdad's default) ``S`` is
-  a retrieval key: the stored maps are mixed, then projected (the same ``v``, since the 1x1
-  convolution is affine and ``w`` sums to one), which keeps the backward pass small.
+- ``similarity_grad``: whether gradients flow through ``S`` (the paper's reading; without,
+  as in ``model=nferd_plus``, ``S`` is only a retrieval key).
 - Everything is batched tensor work on the bank's device: one matmul (flattened) or one
-  product summed over channels (per position) for all similarities of a batch, ``topk``, and
-  one matmul (flattened) or a gather of the K entries (per position) for the weighted sums.
+  small matmul per position for all similarities of a batch, ``topk``, and one matmul
+  (flattened) or a gather of the K entries (per position) for the weighted sums. The stored
+  maps are mixed, then the B mixtures projected (the same ``v``, since the 1x1 convolution is
+  affine and ``w`` sums to one); the flattened similarities never project the N entries
+  either (:meth:`NormalFeatureBank.similarities`).
 
 The stored maps are a persistent buffer, so they travel with every checkpoint. Their shape is
 only known once the bank is built; :meth:`NormalFeatureBank._load_from_state_dict` resizes the
@@ -87,6 +89,8 @@ class NormalFeatureBank(nn.Module):
     """
 
     features: Tensor
+    gram: Tensor
+    total: Tensor
 
     def __init__(
         self,
@@ -116,6 +120,9 @@ class NormalFeatureBank(nn.Module):
             self.proj.weight[: eye.shape[0], : eye.shape[1], 0, 0] = eye
             self.proj.bias.zero_()
         self.register_buffer("features", torch.zeros(0, teacher_channels, 0, 0), persistent=True)
+        c = teacher_channels
+        self.register_buffer("gram", torch.zeros(0, c, c), persistent=False)
+        self.register_buffer("total", torch.zeros(0, c), persistent=False)
 
     @property
     def size(self) -> int:
@@ -138,6 +145,16 @@ class NormalFeatureBank(nn.Module):
             )
         # Channels-last memory: the 1x1 projection and the per-position reads are faster.
         self.features = teacher_maps.detach().float().contiguous(memory_format=torch.channels_last)
+        self._store_moments()
+
+    @torch.no_grad()
+    def _store_moments(self) -> None:
+        """Each entry's second and first moments over positions, ``sum_p f f^T`` (N, C_t, C_t)
+        and ``sum_p f`` (N, C_t): with them a projected entry's norm needs no projected map
+        (:meth:`_entry_norms`). Derived from ``features``, so never saved in checkpoints."""
+        rows = _positions(self.features)  # (N, P, C_t)
+        self.gram = rows.transpose(1, 2) @ rows
+        self.total = rows.sum(dim=1)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -155,21 +172,30 @@ class NormalFeatureBank(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        self._store_moments()
 
     def _project(self, rows: Tensor) -> Tensor:
         """The trainable 1x1 convolution on position-major rows (..., C_t) -> (..., C)."""
         return F.linear(rows, self.proj.weight.flatten(1), self.proj.bias)
+
+    def _check_built(self, student: Tensor) -> None:
+        if self.size == 0:
+            raise KDADError(
+                "the normal feature bank is empty: build it with before_fit(train_loader) "
+                "(kdad-train does) or load a checkpoint that holds it"
+            )
+        expected = (self.proj.out_channels, *self.features.shape[-2:])
+        if tuple(student.shape[1:]) != expected:
+            raise KDADError(
+                f"normal feature bank maps {expected} do not match the student's "
+                f"{tuple(student.shape[1:])}: the bank was built for another input size"
+            )
 
     def projected_positions(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The stored maps through the 1x1 convolution, position-major: (N, H*W, C).
 
         The maps are stored channels-last, so their position-major view needs no copy and the
         projection is one matrix product on it (the 1x1 convolution's values)."""
-        if self.size == 0:
-            raise KDADError(
-                "the normal feature bank is empty: build it with before_fit(train_loader) "
-                "(kdad-train does) or load a checkpoint that holds it"
-            )
         return self._project(_positions(self.features.to(dtype)))
 
     def projected(self, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -177,36 +203,52 @@ class NormalFeatureBank(nn.Module):
         h, w = self.features.shape[-2:]
         return _maps(self.projected_positions(dtype), h, w)
 
-    def similarities(self, student: Tensor, bank: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Cosine similarities ``S`` of the student maps (B, C, H, W) with the projected entries,
-        and the projected bank, position-major (N, H*W, C).
-
-        ``flattened``: (B, N), whole maps as vectors (section 3); ``per_position``:
-        (B, N, H, W), the C-vectors at each position against the entries' at that position.
-        Both work on position-major rows: a view of channels-last maps, no copy. The order in
-        which a whole map is flattened does not change its cosine.
-        """
-        bank = self.projected_positions(student.dtype) if bank is None else bank
-        b, c, h, w = student.shape
-        if bank.shape[1:] != (h * w, c):
-            raise KDADError(
-                f"normal feature bank maps {(bank.shape[2], *self.features.shape[-2:])} do not "
-                f"match the student's {(c, h, w)}: the bank was built for another input size"
+    def _entry_norms(self) -> Tensor:
+        """The norm of each projected entry as one vector (N,), from the stored moments:
+        ``sum_p |W f_p + b|^2 = <W^T W, sum_p f_p f_p^T> + 2 b . W sum_p f_p + P |b|^2``.
+        In float32 whatever the autocast (a sum of squares)."""
+        with torch.autocast(self.gram.device.type, enabled=False):
+            weight, bias = self.proj.weight.flatten(1).float(), self.proj.bias.float()
+            positions = self.features.shape[-2] * self.features.shape[-1]
+            squared = (
+                (self.gram.float() * (weight.T @ weight)).sum(dim=(1, 2))
+                + 2.0 * (self.total.float() @ (weight.T @ bias))
+                + positions * bias.square().sum()
             )
+            return squared.clamp_min(0.0).sqrt()
+
+    def similarities(self, student: Tensor) -> Tensor:
+        """Cosine similarities ``S`` of the student maps (B, C, H, W) with the projected entries.
+
+        ``flattened``: (B, N), whole maps as vectors (section 3). The entries are never
+        projected: ``q . (W f + b)`` summed over positions is ``(W^T q) . f + (sum_p q) . b``,
+        and ``|W f + b|`` comes from the stored moments (:meth:`_entry_norms`), so the forward
+        and backward passes touch the B student maps and ``W``, never the N projected maps
+        (the same values as projecting the bank; tests/models/test_nferd.py checks values and
+        gradients against the plain formula). ``per_position``: (B, N, H, W), the C-vectors at
+        each position against the projected entries' at that position. Both work on
+        position-major rows: a view of channels-last maps, no copy. The order in which a whole
+        map is flattened does not change its cosine.
+        """
+        self._check_built(student)
+        b, _, h, w = student.shape
         queries = _positions(student)  # (B, P, C)
         if self.recall == "flattened":
-            # cos = dot / (|q| |k|): one GEMM and two norms, no normalised copies of the maps.
-            q, k = queries.reshape(b, -1), bank.reshape(bank.shape[0], -1)
-            norms = q.norm(dim=1).clamp_min(1e-12)[:, None] * k.norm(dim=1).clamp_min(1e-12)
-            return (q @ k.T) / norms, bank
+            weight = self.proj.weight.flatten(1).to(student.dtype)  # (C, C_t)
+            pulled = (queries @ weight).reshape(b, -1)  # W^T q at each position: (B, P*C_t)
+            entries = _positions(self.features.to(student.dtype)).reshape(self.size, -1)
+            bias = self.proj.bias.to(student.dtype)
+            dots = pulled @ entries.T + (queries.sum(dim=1) @ bias)[:, None]
+            q_norms = queries.reshape(b, -1).norm(dim=1).clamp_min(1e-12)
+            return dots / (q_norms[:, None] * self._entry_norms().clamp_min(1e-12))
         # One small matrix product per position: (P, B, C) @ (P, C, N) -> (P, B, N), on
         # position-major rows, so the batched GEMM reads contiguous C-vectors; returned as a
         # (B, N, H, W) view. A GEMM over NCHW-strided views, or a broadcast product, costs
         # far more (experiments/benchmark/README.md, NFERD against RD4AD).
         queries = F.normalize(queries, dim=2)
-        keys = F.normalize(bank, dim=2)  # (N, P, C)
+        keys = F.normalize(self.projected_positions(student.dtype), dim=2)  # (N, P, C)
         sim = torch.matmul(queries.transpose(0, 1), keys.permute(1, 2, 0))  # (P, B, N)
-        return sim.permute(1, 2, 0).unflatten(2, (h, w)), bank
+        return sim.permute(1, 2, 0).unflatten(2, (h, w))
 
     @property
     def scale(self) -> Tensor | float:
@@ -222,15 +264,13 @@ class NormalFeatureBank(nn.Module):
         positive = top_sim.clamp_min(0) + 1e-8
         return positive / positive.sum(dim=1, keepdim=True)
 
-    def select(
-        self, student: Tensor, exclude: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """The top-K of ``S``: weights ``w`` and entry indices (B, K[, H, W]), and the projected
-        bank, position-major (N, H*W, C). ``exclude`` (B, N) bool marks entries a row may not recall
-        (leave-one-out training). Without ``similarity_grad``, ``S`` is computed without
-        gradient (a retrieval key): ``w`` then learns only through the learned scale."""
+    def select(self, student: Tensor, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The top-K of ``S``: weights ``w`` and entry indices (B, K[, H, W]). ``exclude``
+        (B, N) bool marks entries a row may not recall (leave-one-out training). Without
+        ``similarity_grad``, ``S`` is computed without gradient (a retrieval key): ``w`` then
+        learns only through the learned scale."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.similarity_grad):
-            sim, bank = self.similarities(student)
+            sim = self.similarities(student)
         if exclude is not None:
             mask = exclude if sim.dim() == 2 else exclude[:, :, None, None]
             sim = sim.masked_fill(mask, float("-inf"))
@@ -242,35 +282,33 @@ class NormalFeatureBank(nn.Module):
                 "model.nfb: no bank entry left to recall after excluding the image itself"
             )
         top_sim, top_idx = sim.topk(k, dim=1)
-        return self.weights(top_sim), top_idx, bank
+        return self.weights(top_sim), top_idx
 
     def mixture(self, student: Tensor, exclude: Tensor | None = None) -> Tensor:
         """Dense mixing weights (B, N[, H, W]): ``w_k`` on the recalled entries, 0 elsewhere."""
-        weights, index, _ = self.select(student, exclude)
+        weights, index = self.select(student, exclude)
         shape = (student.shape[0], self.size, *weights.shape[2:])
         return weights.new_zeros(shape).scatter(1, index, weights)
 
     def forward(self, student: Tensor, exclude: Tensor | None = None) -> Tensor:
         """Recall ``v`` (B, C, H, W) for the student maps (B, C, H, W): ``v = sum_k w_k f_k``,
         per position with ``recall="per_position"``; ``exclude``: see :meth:`select`."""
-        weights, index, bank = self.select(student, exclude)
-        # Without gradient through S the stored maps are mixed first and the B recalled maps
-        # projected: the same v (the 1x1 conv is affine and w sums to one over K), but the
-        # backward pass goes through B maps instead of the N entries.
+        weights, index = self.select(student, exclude)
+        # The stored maps are mixed first and the B recalled maps projected: the same v as
+        # mixing projected entries (the 1x1 conv is affine and w sums to one over K), with
+        # the same gradients, but the work is on B maps instead of the N entries.
         h, w = student.shape[-2:]
-        source = bank if self.similarity_grad else _positions(self.features.to(student.dtype))
+        source = _positions(self.features.to(student.dtype))  # (N, P, C_t)
         n, positions, c = source.shape
         if self.recall == "flattened":
             mix = weights.new_zeros(student.shape[0], n).scatter(1, index, weights)
-            recalled = (mix @ source.reshape(n, -1)).view(-1, positions, c)  # (B, P, C)
+            mixed = (mix @ source.reshape(n, -1)).view(-1, positions, c)  # (B, P, C_t)
         else:  # gather the K entries' vectors at each position (K/N of a dense mix's work)
             table = source.reshape(n * positions, c)  # row n*P + p: entry n at p
             rows = index.flatten(2) * positions + torch.arange(positions, device=student.device)
-            picked = F.embedding(rows, table)  # (B, K, P, C), one row lookup per entry
-            recalled = (weights.flatten(2).unsqueeze(-1) * picked).sum(1)  # (B, P, C)
-        if not self.similarity_grad:
-            recalled = self._project(recalled)
-        return _maps(recalled, h, w)  # channels-last memory, like the decoder's maps
+            picked = F.embedding(rows, table)  # (B, K, P, C_t), one row lookup per entry
+            mixed = (weights.flatten(2).unsqueeze(-1) * picked).sum(1)  # (B, P, C_t)
+        return _maps(self._project(mixed), h, w)  # channels-last memory, like the decoder's maps
 
 
 def _positions(maps: Tensor) -> Tensor:

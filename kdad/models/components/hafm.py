@@ -103,11 +103,18 @@ class HybridAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # Both gates from the same x (parallel), its four descriptors pooled in one pass.
         mean_hw, max_hw, mean_c, max_c = pooled_descriptors(x)
-        channel_gate = self.channel.gate(mean_hw, max_hw)[:, :, None, None]
-        spatial_gate = self.spatial.gate(mean_c, max_c)
+        n, c, h, w = x.shape
+        channel_gate = self.channel.gate(mean_hw, max_hw).view(n, 1, c)
+        spatial_gate = self.spatial.gate(mean_c, max_c).reshape(n, h * w, 1)
+        # Gated on position-major rows (N, H*W, C), a view of channels-last x: the broadcast
+        # gate (N, C, 1, 1) + (N, 1, H, W) would come out NCHW, and a product of a
+        # channels-last and an NCHW map (forward and backward) is several times slower.
+        rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
         if self.combine == "add":  # x * M_c + x * M_s, with one full-size product
-            return x * (channel_gate + spatial_gate)
-        return x * channel_gate * spatial_gate
+            gated = rows * (channel_gate + spatial_gate)
+        else:
+            gated = rows * channel_gate * spatial_gate
+        return gated.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 class StageFusion(nn.Module):
