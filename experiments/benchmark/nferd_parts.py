@@ -1,0 +1,130 @@
+"""Where NFERD's extra step time goes: its bank recall and its fusion at each decoder stage.
+
+Builds each variant as its config composes it (``train_throughput.build_kdad``: random teacher,
+channels-last, bank built), records the inputs of every bank and fusion module in one training
+forward, then times each module's forward + backward on those inputs (parameter gradients
+included, as in training) next to the whole training step of RD4AD and of the variant. Timing
+windows are interleaved (A B C ... A B C ...) and the median taken, as in train_throughput.py.
+
+    python experiments/benchmark/nferd_parts.py --backbone tf_efficientnet_lite0 --size 128 \\
+        --models nferd,nferd_plus --out experiments/benchmark/results/nferd_parts_lite0
+
+Prints a markdown table (ms per training step) and writes it with a JSON record with ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from kdad.io.atomic import write_json_atomic, write_text_atomic
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import build_kdad, kdad_step, versions
+
+
+def module_step(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], None]:
+    """Forward + backward of ``module`` on copies of ``inputs`` that take gradients."""
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    upstream = torch.randn_like(module(*leaves))
+
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        for leaf in leaves:
+            leaf.grad = None
+        module(*leaves).backward(upstream)
+
+    return step
+
+
+def recorded_inputs(net: torch.nn.Module, images: torch.Tensor) -> dict[str, tuple]:
+    """The inputs of each bank and fusion module in one training forward of ``net``."""
+    seen: dict[str, tuple] = {}
+    hooks = []
+    for kind in ("banks", "fusions"):
+        for stage, module in enumerate(getattr(net, kind) or ()):
+
+            def hook(_m, args, name=f"{kind[:-1]} {stage}"):
+                seen[name] = tuple(a.detach() for a in args if isinstance(a, torch.Tensor))
+
+            hooks.append(module.register_forward_pre_hook(hook))
+    net.train()
+    net(images)
+    for handle in hooks:
+        handle.remove()
+    return seen
+
+
+def measure(steps: dict[str, Callable[[], None]], repeats: int, windows: int) -> dict[str, float]:
+    """Median milliseconds per call of each step, over interleaved windows."""
+    for step in steps.values():
+        step()
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(windows):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(repeats):
+                step()
+            times[name].append(1000 * (time.perf_counter() - start) / repeats)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--models", default="nferd,nferd_plus")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--windows", type=int, default=9)
+    parser.add_argument("--out", type=Path, default=None, help="write <out>.md and <out>.json")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    images = torch.randn(args.batch, 3, args.size, args.size).contiguous(
+        memory_format=torch.channels_last
+    )
+    models = args.models.split(",")
+    steps: dict[str, Callable[[], None]] = {}
+    for name in ["rd4ad", *models]:
+        net = build_kdad(name, args.backbone, args.size, device, channels_last=True)
+        whole = kdad_step(net, bf16=False, fused=True, teacher_cache=True)
+        steps[f"{name}: whole training step"] = lambda whole=whole: whole(images)
+        if name == "rd4ad":
+            continue
+        for part, inputs in recorded_inputs(net, images).items():
+            module = dict(net.named_modules())[part.replace(" ", "s.")]
+            steps[f"{name}: {part}"] = module_step(module, inputs)
+    ms = measure(steps, args.repeats, args.windows)
+
+    header = (
+        f"device=cpu backbone={args.backbone} size={args.size} batch={args.batch} "
+        f"threads={torch.get_num_threads()} (forward + backward, ms per training step; median "
+        f"of {args.windows} interleaved windows of {args.repeats} calls)"
+    )
+    lines = [header, "", "| part | ms |", "|---|---|"]
+    lines += [f"| {name} | {value:.2f} |" for name, value in ms.items()]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out is not None:
+        record = {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "versions": versions(),
+            "ms": ms,
+            "command": " ".join(sys.argv),
+        }
+        write_text_atomic(args.out.with_suffix(".md"), table)
+        write_json_atomic(args.out.with_suffix(".json"), record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
