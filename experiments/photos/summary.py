@@ -13,6 +13,7 @@ Every number the README of this study quotes is in ``results/summary.md`` (or in
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import sys
@@ -64,6 +65,21 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
+def full_grid(pairs: set[tuple[str, int]]) -> set[tuple[str, int]]:
+    """The largest categories x seeds grid inside ``pairs`` (ties: more seeds), so that every
+    seed's mean is over the same categories: a seed that has only some categories so far
+    would otherwise make the spread over seeds a spread over category sets."""
+    seeds = sorted({s for _, s in pairs})
+    best: set[tuple[str, int]] = set()
+    for size in range(len(seeds), 0, -1):
+        for chosen in itertools.combinations(seeds, size):
+            shared = set.intersection(*({c for c, s in pairs if s == seed} for seed in chosen))
+            grid = {(c, seed) for c in shared for seed in chosen}
+            if len(grid) > len(best):
+                best = grid
+    return best
+
+
 def variants_table(rows: list[dict], keys: tuple[str, ...] = ()) -> list[str]:
     """Mean ± std over seeds of the per-seed means over categories, the kNN row beside; only
     the (category, seed) pairs that every row has count, so that the rows compare like with
@@ -73,19 +89,21 @@ def variants_table(rows: list[dict], keys: tuple[str, ...] = ()) -> list[str]:
     for run in rows:
         name = label(run, keys if run["model"] != REFERENCE else ())
         pairs[name].add((run["category"], int(run["seed"])))
-    common = set.intersection(*(pairs[n] for n in names)) if names else set()
+    common = full_grid(set.intersection(*(pairs[n] for n in names)) if names else set())
     if not common:
         return ["No category and seed has every row of this table yet (see per category)."]
     left_out = sorted({p for n in names for p in pairs[n]} - common)
     rows = [r for r in rows if (r["category"], int(r["seed"])) in common]
     caption = [
         f"Over the categories {', '.join(sorted({c for c, _ in common}))} and seeds "
-        f"{', '.join(str(s) for s in sorted({s for _, s in common}))}: the ones every row has.",
+        f"{', '.join(str(s) for s in sorted({s for _, s in common}))}: every row has each of "
+        "these categories at each of these seeds.",
         "",
     ]
     if left_out:
         caption[0] += (
-            f" Not in this table ({len(left_out)} category/seed pairs some rows lack): "
+            f" Left out ({len(left_out)} category/seed pairs: some row lacks them, or some "
+            "other seed lacks their category): "
             + ", ".join(f"{c} seed {s}" for c, s in left_out)
             + "."
         )
@@ -184,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Written by `python experiments/photos/summary.py` from `results/<stage>/<run>/metrics.json`.",
         "Metrics in %, mean ± std over seeds (a seed's value: the mean over the table's",
-        "categories; a table holds only the category/seed pairs all its rows have);",
+        "categories; a table holds the largest categories x seeds grid that all its rows",
+        "have, so that every seed's mean is over the same categories);",
         "`image AUROC vs kNN`: the row's mean minus the kNN line's, in points.",
         "",
     ]
