@@ -1,0 +1,30 @@
+"""experiments/photos/summary.py: every seed of a variants table is averaged over the same
+categories, so the spread over seeds is not a spread over category sets."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _summary():
+    path = ROOT / "experiments" / "photos" / "summary.py"
+    spec = importlib.util.spec_from_file_location("photos_summary", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_full_grid_keeps_only_categories_every_kept_seed_has() -> None:
+    full_grid = _summary().full_grid
+    seed0 = {(c, 0) for c in ("a", "b", "c", "d")}
+    partial_seed1 = {("a", 1), ("b", 1)}
+    # 4 categories x 1 seed (4 pairs) against 2 x 2 (4 pairs): a tie goes to more seeds.
+    assert full_grid(seed0 | partial_seed1) == {("a", 0), ("b", 0), ("a", 1), ("b", 1)}
+    # 3 of 4 categories on seed 1: 3 x 2 = 6 pairs beat 4 x 1.
+    three = partial_seed1 | {("c", 1)}
+    assert full_grid(seed0 | three) == {(c, s) for c in "abc" for s in (0, 1)}
+    assert full_grid(seed0) == seed0
+    assert full_grid(set()) == set()
