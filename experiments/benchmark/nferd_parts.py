@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 from kdad.io.atomic import write_json_atomic, write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import build_kdad, kdad_step, versions
+from train_throughput import build_kdad, kdad_step, versions, window_seconds
 
 
 def module_step(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], None]:
@@ -44,14 +43,15 @@ def module_step(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Ca
 
 
 def recorded_inputs(net: torch.nn.Module, images: torch.Tensor) -> dict[str, tuple]:
-    """The inputs of each bank and fusion module in one training forward of ``net``."""
+    """``"bank 0"``, ``"fusion 0"``, ...: each bank and fusion module of ``net`` with the
+    inputs it got in one training forward."""
     seen: dict[str, tuple] = {}
     hooks = []
-    for kind in ("banks", "fusions"):
-        for stage, module in enumerate(getattr(net, kind) or ()):
+    for kind, modules in (("bank", net.banks or ()), ("fusion", net.fusions)):
+        for stage, module in enumerate(modules):
 
-            def hook(_m, args, name=f"{kind[:-1]} {stage}"):
-                seen[name] = tuple(a.detach() for a in args if isinstance(a, torch.Tensor))
+            def hook(module, args, name=f"{kind} {stage}"):
+                seen[name] = (module, tuple(a.detach() for a in args if torch.is_tensor(a)))
 
             hooks.append(module.register_forward_pre_hook(hook))
     net.train()
@@ -59,21 +59,6 @@ def recorded_inputs(net: torch.nn.Module, images: torch.Tensor) -> dict[str, tup
     for handle in hooks:
         handle.remove()
     return seen
-
-
-def measure(steps: dict[str, Callable[[], None]], repeats: int, windows: int) -> dict[str, float]:
-    """Median milliseconds per call of each step, over interleaved windows."""
-    for step in steps.values():
-        step()
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(windows):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(repeats):
-                step()
-            times[name].append(1000 * (time.perf_counter() - start) / repeats)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         steps[f"{name}: whole training step"] = lambda whole=whole: whole(images)
         if name == "rd4ad":
             continue
-        for part, inputs in recorded_inputs(net, images).items():
-            module = dict(net.named_modules())[part.replace(" ", "s.")]
+        for part, (module, inputs) in recorded_inputs(net, images).items():
             steps[f"{name}: {part}"] = module_step(module, inputs)
-    ms = measure(steps, args.repeats, args.windows)
+    seconds = window_seconds(steps, args.repeats, args.windows, warmup=2)
+    ms = {name: 1000 * statistics.median(values) for name, values in seconds.items()}
 
     header = (
         f"device=cpu backbone={args.backbone} size={args.size} batch={args.batch} "

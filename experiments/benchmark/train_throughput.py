@@ -15,6 +15,7 @@ Prints a markdown table and writes it (plus a JSON record with versions) with ``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -45,30 +46,52 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def window_seconds(
+    calls: dict[str, Callable[[], None]],
+    repeats: int,
+    windows: int,
+    warmup: int,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each entry of ``calls`` in each of ``windows`` timing windows of
+    ``repeats`` calls (``sync()`` ends a window, e.g. a CUDA synchronise), after ``warmup``
+    calls each. The windows of all entries are interleaved (A B C A B C ...), so that a slow
+    phase of the machine hits every entry alike instead of biasing their ratio."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+        sync()
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(windows):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(repeats):
+                call()
+            sync()
+            seconds[name].append((time.perf_counter() - start) / repeats)
+    return seconds
+
+
 def measure(
     runs: dict[str, tuple[Callable[[torch.Tensor], None], torch.Tensor]],
     steps: int,
     windows: int,
     warmup: int,
 ) -> dict[str, float]:
-    """Median images/second per model over ``windows`` windows of ``steps`` training steps.
-
-    The windows of all models are interleaved (A B C A B C ...), so that a slow phase of the
-    machine hits every model alike instead of biasing the ratio.
-    """
-    for step, batch in runs.values():
-        for _ in range(warmup):
-            step(batch)
-        _sync(batch.device)
-    rates: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(windows):
-        for name, (step, batch) in runs.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                step(batch)
-            _sync(batch.device)
-            rates[name].append(steps * batch.shape[0] / (time.perf_counter() - start))
-    return {name: statistics.median(values) for name, values in rates.items()}
+    """Median images/second per model over ``windows`` interleaved windows of ``steps``
+    training steps (:func:`window_seconds`; every batch on one device)."""
+    device = next(iter(runs.values()))[1].device
+    seconds = window_seconds(
+        {name: functools.partial(step, batch) for name, (step, batch) in runs.items()},
+        steps,
+        windows,
+        warmup,
+        lambda: _sync(device),
+    )
+    return {
+        name: statistics.median(runs[name][1].shape[0] / s for s in values)
+        for name, values in seconds.items()
+    }
 
 
 def kdad_step(

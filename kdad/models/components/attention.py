@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdad.models.components.layout import positions
+
 
 class _Pools(torch.autograd.Function):
     """The four pooled descriptors CBAM's branches read, in one pass with one backward.
@@ -26,13 +28,13 @@ class _Pools(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, positions: Tensor):  # type: ignore[override]
-        mean_hw = positions.mean(dim=1)
-        max_hw, index_hw = positions.max(dim=1)
-        mean_c = positions.mean(dim=2)
-        max_c, index_c = positions.max(dim=2)
+    def forward(ctx, rows: Tensor):  # type: ignore[override]
+        mean_hw = rows.mean(dim=1)
+        max_hw, index_hw = rows.max(dim=1)
+        mean_c = rows.mean(dim=2)
+        max_c, index_c = rows.max(dim=2)
         ctx.save_for_backward(index_hw, index_c)
-        ctx.shape = positions.shape
+        ctx.shape = rows.shape
         ctx.mark_non_differentiable(index_hw, index_c)
         return mean_hw, max_hw, mean_c, max_c, index_hw, index_c
 
@@ -53,12 +55,11 @@ class _Pools(torch.autograd.Function):
 def pooled_descriptors(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``x`` (N, C, H, W) -> (mean over H x W, max over H x W) (N, C) and (mean over C,
     max over C) (N, H, W): what channel and spatial attention pool (:class:`_Pools`)."""
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     if not (torch.is_grad_enabled() and x.requires_grad):
         # Inference and exported graphs: the plain operators (no backward to fuse).
         return x.mean(dim=(2, 3)), x.amax(dim=(2, 3)), x.mean(dim=1), x.amax(dim=1)
-    positions = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view of channels-last memory
-    mean_hw, max_hw, mean_c, max_c, _, _ = _Pools.apply(positions)
+    mean_hw, max_hw, mean_c, max_c, _, _ = _Pools.apply(positions(x))
     return mean_hw, max_hw, mean_c.view(n, h, w), max_c.view(n, h, w)
 
 

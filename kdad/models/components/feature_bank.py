@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from kdad.config import choice
 from kdad.errors import KDADError
+from kdad.models.components.layout import maps, positions
 
 
 class Weighting(str, Enum):
@@ -152,7 +153,7 @@ class NormalFeatureBank(nn.Module):
         """Each entry's second and first moments over positions, ``sum_p f f^T`` (N, C_t, C_t)
         and ``sum_p f`` (N, C_t): with them a projected entry's norm needs no projected map
         (:meth:`_entry_norms`). Derived from ``features``, so never saved in checkpoints."""
-        rows = _positions(self.features)  # (N, P, C_t)
+        rows = positions(self.features)  # (N, P, C_t)
         self.gram = rows.transpose(1, 2) @ rows
         self.total = rows.sum(dim=1)
 
@@ -196,12 +197,7 @@ class NormalFeatureBank(nn.Module):
 
         The maps are stored channels-last, so their position-major view needs no copy and the
         projection is one matrix product on it (the 1x1 convolution's values)."""
-        return self._project(_positions(self.features.to(dtype)))
-
-    def projected(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The stored maps through the trainable 1x1 convolution: (N, C, H, W)."""
-        h, w = self.features.shape[-2:]
-        return _maps(self.projected_positions(dtype), h, w)
+        return self._project(positions(self.features.to(dtype)))
 
     def _entry_norms(self) -> Tensor:
         """The norm of each projected entry as one vector (N,), from the stored moments:
@@ -209,11 +205,11 @@ class NormalFeatureBank(nn.Module):
         In float32 whatever the autocast (a sum of squares)."""
         with torch.autocast(self.gram.device.type, enabled=False):
             weight, bias = self.proj.weight.flatten(1).float(), self.proj.bias.float()
-            positions = self.features.shape[-2] * self.features.shape[-1]
+            count = self.features.shape[-2] * self.features.shape[-1]  # P
             squared = (
                 (self.gram.float() * (weight.T @ weight)).sum(dim=(1, 2))
                 + 2.0 * (self.total.float() @ (weight.T @ bias))
-                + positions * bias.square().sum()
+                + count * bias.square().sum()
             )
             return squared.clamp_min(0.0).sqrt()
 
@@ -232,11 +228,11 @@ class NormalFeatureBank(nn.Module):
         """
         self._check_built(student)
         b, _, h, w = student.shape
-        queries = _positions(student)  # (B, P, C)
+        queries = positions(student)  # (B, P, C)
         if self.recall == "flattened":
             weight = self.proj.weight.flatten(1).to(student.dtype)  # (C, C_t)
             pulled = (queries @ weight).reshape(b, -1)  # W^T q at each position: (B, P*C_t)
-            entries = _positions(self.features.to(student.dtype)).reshape(self.size, -1)
+            entries = positions(self.features.to(student.dtype)).reshape(self.size, -1)
             bias = self.proj.bias.to(student.dtype)
             dots = pulled @ entries.T + (queries.sum(dim=1) @ bias)[:, None]
             q_norms = queries.reshape(b, -1).norm(dim=1).clamp_min(1e-12)
@@ -298,29 +294,17 @@ class NormalFeatureBank(nn.Module):
         # mixing projected entries (the 1x1 conv is affine and w sums to one over K), with
         # the same gradients, but the work is on B maps instead of the N entries.
         h, w = student.shape[-2:]
-        source = _positions(self.features.to(student.dtype))  # (N, P, C_t)
-        n, positions, c = source.shape
+        source = positions(self.features.to(student.dtype))  # (N, P, C_t)
+        n, p, c = source.shape
         if self.recall == "flattened":
             mix = weights.new_zeros(student.shape[0], n).scatter(1, index, weights)
-            mixed = (mix @ source.reshape(n, -1)).view(-1, positions, c)  # (B, P, C_t)
+            mixed = (mix @ source.reshape(n, -1)).view(-1, p, c)  # (B, P, C_t)
         else:  # gather the K entries' vectors at each position (K/N of a dense mix's work)
-            table = source.reshape(n * positions, c)  # row n*P + p: entry n at p
-            rows = index.flatten(2) * positions + torch.arange(positions, device=student.device)
+            table = source.reshape(n * p, c)  # row n*P + p: entry n at p
+            rows = index.flatten(2) * p + torch.arange(p, device=student.device)
             picked = F.embedding(rows, table)  # (B, K, P, C_t), one row lookup per entry
             mixed = (weights.flatten(2).unsqueeze(-1) * picked).sum(1)  # (B, P, C_t)
-        return _maps(self._project(mixed), h, w)  # channels-last memory, like the decoder's maps
-
-
-def _positions(maps: Tensor) -> Tensor:
-    """(B, C, H, W) -> (B, H*W, C): each position's C-vector contiguous (a view of
-    channels-last memory, else one copy)."""
-    b, c, h, w = maps.shape
-    return maps.permute(0, 2, 3, 1).reshape(b, h * w, c)
-
-
-def _maps(rows: Tensor, h: int, w: int) -> Tensor:
-    """(B, H*W, C) -> (B, C, H, W), a view in channels-last memory (inverse of :func:`_positions`)."""
-    return rows.view(-1, h, w, rows.shape[2]).permute(0, 3, 1, 2)  # -1: a dynamic batch
+        return maps(self._project(mixed), h, w)  # channels-last memory, like the decoder's maps
 
 
 def select_bank_images(num_images: int, size: int, seed: int) -> list[int]:

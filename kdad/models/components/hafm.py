@@ -46,6 +46,7 @@ from kdad.models.components.attention import (
     SpatialAttention,
     pooled_descriptors,
 )
+from kdad.models.components.layout import maps, positions
 from kdad.models.components.resnet_blocks import conv1x1, kaiming_init
 
 
@@ -107,14 +108,14 @@ class HybridAttention(nn.Module):
         channel_gate = self.channel.gate(mean_hw, max_hw).view(n, 1, c)
         spatial_gate = self.spatial.gate(mean_c, max_c).reshape(n, h * w, 1)
         # Gated on position-major rows (N, H*W, C), a view of channels-last x: the broadcast
-        # gate (N, C, 1, 1) + (N, 1, H, W) would come out NCHW, and a product of a
-        # channels-last and an NCHW map (forward and backward) is several times slower.
-        rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
+        # gate (N, C, 1, 1) + (N, 1, H, W) would come out NCHW, and the product of a
+        # channels-last and an NCHW map (forward and backward) cannot run on contiguous rows.
+        rows = positions(x)
         if self.combine == "add":  # x * M_c + x * M_s, with one full-size product
             gated = rows * (channel_gate + spatial_gate)
         else:
             gated = rows * channel_gate * spatial_gate
-        return gated.view(n, h, w, c).permute(0, 3, 1, 2)
+        return maps(gated, h, w)
 
 
 class StageFusion(nn.Module):
