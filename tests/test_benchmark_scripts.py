@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # 11 s quiet, 30 s beside other jobs, on 2 CPU cores: make test-all
 def test_nferd_parts_times_every_bank_and_fusion_stage(tmp_path: Path) -> None:
     out = tmp_path / "parts"
     subprocess.run(
