@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import platform
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from kdad.io.atomic import write_json_atomic, write_text_atomic
 from kdad.lightning.teacher_cache import TeacherFeatureCache
 
 
@@ -77,9 +77,10 @@ def measure(
     steps: int,
     windows: int,
     warmup: int,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Median images/second per model over ``windows`` interleaved windows of ``steps``
-    training steps (:func:`window_seconds`; every batch on one device)."""
+    training steps (:func:`window_seconds`; every batch on one device), and the seconds per
+    step of every window."""
     device = next(iter(runs.values()))[1].device
     seconds = window_seconds(
         {name: functools.partial(step, batch) for name, (step, batch) in runs.items()},
@@ -88,10 +89,22 @@ def measure(
         warmup,
         lambda: _sync(device),
     )
-    return {
+    rates = {
         name: statistics.median(runs[name][1].shape[0] / s for s in values)
         for name, values in seconds.items()
     }
+    return rates, seconds
+
+
+def paired_ratios(seconds: list[float], reference: list[float]) -> tuple[float, float, float]:
+    """Step time against a reference's, window by window (the two windows of a round are
+    timed one after the other, so a slow phase of the machine cancels in their ratio):
+    the median and the lower and upper quartiles of those ratios."""
+    ratios = [s / r for s, r in zip(seconds, reference, strict=True)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), low, high
 
 
 def kdad_step(
@@ -257,33 +270,44 @@ def main(argv: list[str] | None = None) -> int:
         net = build_kdad(name, args.backbone, args.size, device, args.channels_last)
         step = kdad_step(net, args.bf16, args.fused, args.compile, args.teacher_cache)
         runs[f"kdad {name}"] = (step, kdad_batch)
-    rates = measure(runs, args.steps, args.windows, args.warmup)
+    rates, seconds = measure(runs, args.steps, args.windows, args.warmup)
     rows = list(rates.items())
     reference = rates.get("anomalib RD4AD")
+    first = next(name for name in runs if name.startswith("kdad "))
     lines = [
         f"device={args.device} backbone={args.backbone} size={args.size} batch={args.batch} bf16={args.bf16} "
         f"channels_last={args.channels_last} fused={args.fused} compile={args.compile} "
         f"teacher_cache={args.teacher_cache} "
         f"(timing windows interleaved; median of {args.windows} windows of {args.steps} steps)",
         "",
-        "| model | train images/s | vs anomalib RD |",
-        "|---|---|---|",
+        f"step time vs {first}: the median (quartiles) over the windows of the step time's ratio "
+        f"to {first}'s in the same round",
+        "",
+        f"| model | train images/s | vs anomalib RD | step time vs {first} |",
+        "|---|---|---|---|",
     ]
+    paired = {}
     for name, rate in rows:
         ratio = f"{rate / reference:.2f}x" if reference else "–"
-        lines.append(f"| {name} | {rate:.1f} | {ratio} |")
+        step = "–"
+        if name.startswith("kdad "):
+            paired[name] = paired_ratios(seconds[name], seconds[first])
+            step = "{:.3f}x ({:.3f}–{:.3f})".format(*paired[name])
+        lines.append(f"| {name} | {rate:.1f} | {ratio} | {step} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(text)
         record = {
             "args": {k: str(v) for k, v in vars(args).items()},
             "versions": versions(),
             "rows": rows,
+            "step_time_vs": first,
+            "step_time_ratio_median_q1_q3": paired,
+            "seconds_per_step": seconds,
             "command": " ".join(sys.argv),
         }
-        args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+        write_json_atomic(args.out.with_suffix(".json"), record)
+        write_text_atomic(args.out.with_suffix(".md"), text)
     return 0
 
 

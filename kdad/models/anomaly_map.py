@@ -61,8 +61,15 @@ FUSE_AT = tuple(m.value for m in FuseAt)
 
 
 def cosine_distance(target: Tensor, prediction: Tensor, eps: float = 1e-8) -> Tensor:
-    """``1 - cos(target, prediction)`` along channels: (N,C,h,w) x2 -> (N,1,h,w)."""
-    return (1.0 - F.cosine_similarity(target, prediction, dim=1, eps=eps)).unsqueeze(1)
+    """``1 - cos(target, prediction)`` along channels: (N,C,h,w) x2 -> (N,1,h,w).
+
+    ``F.cosine_similarity``'s value (each norm clamped at ``eps``) from three reductions along
+    channels, without its two normalised full-size copies: fewer full-size passes forward and
+    backward, in whatever memory layout the maps have (experiments/benchmark/README.md).
+    """
+    dots = (target * prediction).sum(dim=1, keepdim=True)
+    norms = target.norm(dim=1, keepdim=True).clamp_min(eps)
+    return 1.0 - dots / (norms * prediction.norm(dim=1, keepdim=True).clamp_min(eps))
 
 
 def normalized_l2_distance(target: Tensor, prediction: Tensor, eps: float = 1e-12) -> Tensor:

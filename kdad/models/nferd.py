@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Subset
 
 from kdad.config import choice, settings
 from kdad.errors import KDADError
-from kdad.models.anomaly_map import Distance
+from kdad.models.anomaly_map import Distance, cosine_distance
 from kdad.models.base import FeaturePairs, batch_images
 from kdad.models.components.feature_bank import (
     NormalFeatureBank,
@@ -337,7 +337,7 @@ def per_position_cosine_loss(pairs: FeaturePairs) -> Tensor:
     (and over the batch)."""
     loss = pairs[0][0].new_zeros(())
     for target, prediction in pairs:
-        loss = loss + (1.0 - F.cosine_similarity(target, prediction, dim=1)).mean()
+        loss = loss + cosine_distance(target, prediction).mean()
     return loss
 
 

@@ -283,19 +283,23 @@ def test_default_is_the_papers_reading_whole_maps_plain_weights_gradient_through
     assert torch.autograd.grad(no_grad.sum(), student, allow_unused=True)[0] is None  # ...no grad
 
 
+@pytest.mark.parametrize("batch", [4, 9], ids=["pull_back_queries", "project_entries"])
 @pytest.mark.parametrize("recall", ["flattened", "per_position"])
-def test_recall_values_and_gradients_match_projecting_every_entry(recall: str) -> None:
-    """The bank never projects its N entries (flattened S from the stored moments; mixing
-    before projecting): values and gradients (student, W, b) equal the plain formula's, which
-    projects every entry and mixes the projected maps."""
+def test_recall_values_and_gradients_match_projecting_every_entry(recall: str, batch: int) -> None:
+    """However the bank computes (flattened with 7 entries: 4 images pull the student maps
+    back through the projection and mix before projecting; 9 images project the entries, with
+    a hand-written backward for S; S's entry norms from the stored moments), values and
+    gradients (student, W, b) equal the plain formula's, which projects every entry and mixes
+    the projected maps."""
     torch.manual_seed(0)
     bank = NormalFeatureBank(6, 5, top_k=3, weighting="linear", recall=recall)
     with torch.no_grad():
         bank.proj.weight.add_(0.5 * torch.randn_like(bank.proj.weight))  # not the identity
         bank.proj.bias.normal_()
     bank.store(torch.randn(7, 6, 3, 4), size=(3, 4))
-    student = torch.randn(4, 5, 3, 4, requires_grad=True)
-    upstream = torch.randn(4, 5, 3, 4)
+    assert bank._projects_entries(batch) == (recall == "flattened" and batch == 9)
+    student = torch.randn(batch, 5, 3, 4, requires_grad=True)
+    upstream = torch.randn(batch, 5, 3, 4)
     params = [student, bank.proj.weight, bank.proj.bias]
     got = bank(student)
     got_grads = torch.autograd.grad((got * upstream).sum(), params)
@@ -310,7 +314,7 @@ def test_recall_values_and_gradients_match_projecting_every_entry(recall: str) -
     top, idx = sim.topk(3, dim=1)
     w = (top.clamp_min(0) + 1e-8) / (top.clamp_min(0) + 1e-8).sum(dim=1, keepdim=True)
     rows = []
-    for b in range(4):
+    for b in range(batch):
         row = torch.zeros_like(student[b])
         for k in range(3):
             if recall == "flattened":

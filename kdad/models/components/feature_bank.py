@@ -27,10 +27,13 @@ Choices the text leaves open (documented in the README, switchable in the config
   as in ``model=nferd_plus``, ``S`` is only a retrieval key).
 - Everything is batched tensor work on the bank's device: one matmul (flattened) or one
   small matmul per position for all similarities of a batch, ``topk``, and one matmul
-  (flattened) or a gather of the K entries (per position) for the weighted sums. The stored
-  maps are mixed, then the B mixtures projected (the same ``v``, since the 1x1 convolution is
-  affine and ``w`` sums to one); the flattened similarities never project the N entries
-  either (:meth:`NormalFeatureBank.similarities`).
+  (flattened) or a gather of the K entries (per position) for the weighted sums. Flattened,
+  the 1x1 convolution goes on whichever side is smaller: with ``N <= B`` (the default bank
+  of 16 beside a batch of 16) the N entries are projected once per step and compared and
+  mixed as they are; with more entries than images the B student maps are pulled back
+  through it instead and the stored maps mixed, then the B mixtures projected (the same
+  ``v``, since the convolution is affine and ``w`` sums to one), so a large bank is never
+  projected (:meth:`NormalFeatureBank.similarities`).
 
 The stored maps are a persistent buffer, so they travel with every checkpoint. Their shape is
 only known once the bank is built; :meth:`NormalFeatureBank._load_from_state_dict` resizes the
@@ -68,6 +71,52 @@ class Recall(str, Enum):
 
 WEIGHTINGS = tuple(m.value for m in Weighting)
 RECALLS = tuple(m.value for m in Recall)
+
+
+class _FlatCosines(torch.autograd.Function):
+    """``S = (q . g) / (|q| |g|)`` for B query rows ``q`` (B, D) and N entry rows ``g`` (N, D),
+    with the entries' norms ``|g|`` (N,) given (so that they can come from the bank's moments).
+
+    Autograd would take ``|q|``'s gradient through three full-size passes over ``q`` (norm
+    backward) and add it to the product's; this backward writes ``q``'s gradient once:
+    ``dS/dq = (g_n - S_bn |q| / |g_n| * q / |q|) / (|q| |g_n|)`` summed against the upstream
+    gradient, i.e. ``A @ g - (sum_n G*S / |q|^2) q`` with ``A = G / (|q| |g|)``.
+    """
+
+    @staticmethod
+    def forward(ctx, queries: Tensor, entries: Tensor, entry_norms: Tensor):  # type: ignore[override]
+        q_norms = queries.norm(dim=1).clamp_min(1e-12)
+        e_norms = entry_norms.clamp_min(1e-12)
+        scale = q_norms[:, None] * e_norms[None]
+        sim = (queries @ entries.T) / scale
+        ctx.save_for_backward(queries, entries, q_norms, e_norms, sim, scale)
+        return sim
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        queries, entries, q_norms, e_norms, sim, scale = ctx.saved_tensors
+        weighted = grad / scale  # (B, N)
+        along = grad * sim
+        grad_q = grad_e = grad_norms = None
+        if ctx.needs_input_grad[0]:
+            radial = (along.sum(dim=1) / q_norms.square())[:, None].to(queries.dtype)
+            grad_q = torch.addcmul(weighted.to(entries.dtype) @ entries, queries, radial, value=-1)
+        if ctx.needs_input_grad[1]:
+            grad_e = weighted.T.to(queries.dtype) @ queries
+        if ctx.needs_input_grad[2]:
+            grad_norms = -along.sum(dim=0) / e_norms
+        return grad_q, grad_e, grad_norms
+
+
+def flat_cosines(queries: Tensor, entries: Tensor, entry_norms: Tensor) -> Tensor:
+    """Cosines (B, N) of query rows (B, D) with entry rows (N, D) whose norms (N,) are given
+    (:class:`_FlatCosines`; the plain operators where no gradient is taken, e.g. export)."""
+    if torch.is_grad_enabled() and (
+        queries.requires_grad or entries.requires_grad or entry_norms.requires_grad
+    ):
+        return _FlatCosines.apply(queries, entries, entry_norms)
+    scale = queries.norm(dim=1).clamp_min(1e-12)[:, None] * entry_norms.clamp_min(1e-12)[None]
+    return (queries @ entries.T) / scale
 
 
 class NormalFeatureBank(nn.Module):
@@ -213,22 +262,36 @@ class NormalFeatureBank(nn.Module):
             )
             return squared.clamp_min(0.0).sqrt()
 
-    def similarities(self, student: Tensor) -> Tensor:
+    def _projects_entries(self, batch: int) -> bool:
+        """Flattened recall: project the N entries (``N <= B``), else pull the B maps back."""
+        return self.recall == "flattened" and self.size <= batch
+
+    def _flat_entries(self, dtype: torch.dtype) -> Tensor:
+        """The projected entries as whole-map rows (N, H*W*C), in position-major order."""
+        return self.projected_positions(dtype).reshape(self.size, -1)
+
+    def similarities(self, student: Tensor, entries: Tensor | None = None) -> Tensor:
         """Cosine similarities ``S`` of the student maps (B, C, H, W) with the projected entries.
 
-        ``flattened``: (B, N), whole maps as vectors (section 3). The entries are never
-        projected: ``q . (W f + b)`` summed over positions is ``(W^T q) . f + (sum_p q) . b``,
-        and ``|W f + b|`` comes from the stored moments (:meth:`_entry_norms`), so the forward
-        and backward passes touch the B student maps and ``W``, never the N projected maps
-        (the same values as projecting the bank; tests/models/test_nferd.py checks values and
-        gradients against the plain formula). ``per_position``: (B, N, H, W), the C-vectors at
-        each position against the projected entries' at that position. Both work on
-        position-major rows: a view of channels-last maps, no copy. The order in which a whole
-        map is flattened does not change its cosine.
+        ``flattened``: (B, N), whole maps as vectors (section 3). With ``N <= B`` the entries
+        are projected (``entries``: those rows, if the caller has them) and compared by
+        :func:`flat_cosines`. With more entries than images they are never projected:
+        ``q . (W f + b)`` summed over positions is ``(W^T q) . f + (sum_p q) . b``, so the
+        passes touch the B student maps and ``W``, never the N projected maps. Either way
+        ``|W f + b|`` comes from the stored moments (:meth:`_entry_norms`); both give the
+        plain formula's values and gradients (tests/models/test_nferd.py).
+        ``per_position``: (B, N, H, W), the C-vectors at each position against the projected
+        entries' at that position. All of it works on position-major rows: a view of
+        channels-last maps, no copy. The order in which a whole map is flattened does not
+        change its cosine.
         """
         self._check_built(student)
         b, _, h, w = student.shape
         queries = positions(student)  # (B, P, C)
+        if self._projects_entries(b):
+            if entries is None:
+                entries = self._flat_entries(student.dtype)
+            return flat_cosines(queries.reshape(b, -1), entries, self._entry_norms())
         if self.recall == "flattened":
             weight = self.proj.weight.flatten(1).to(student.dtype)  # (C, C_t)
             pulled = (queries @ weight).reshape(b, -1)  # W^T q at each position: (B, P*C_t)
@@ -260,13 +323,15 @@ class NormalFeatureBank(nn.Module):
         positive = top_sim.clamp_min(0) + 1e-8
         return positive / positive.sum(dim=1, keepdim=True)
 
-    def select(self, student: Tensor, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def select(
+        self, student: Tensor, exclude: Tensor | None = None, entries: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The top-K of ``S``: weights ``w`` and entry indices (B, K[, H, W]). ``exclude``
-        (B, N) bool marks entries a row may not recall (leave-one-out training). Without
-        ``similarity_grad``, ``S`` is computed without gradient (a retrieval key): ``w`` then
-        learns only through the learned scale."""
+        (B, N) bool marks entries a row may not recall (leave-one-out training); ``entries``:
+        see :meth:`similarities`. Without ``similarity_grad``, ``S`` is computed without
+        gradient (a retrieval key): ``w`` then learns only through the learned scale."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.similarity_grad):
-            sim = self.similarities(student)
+            sim = self.similarities(student, entries)
         if exclude is not None:
             mask = exclude if sim.dim() == 2 else exclude[:, :, None, None]
             sim = sim.masked_fill(mask, float("-inf"))
@@ -289,11 +354,17 @@ class NormalFeatureBank(nn.Module):
     def forward(self, student: Tensor, exclude: Tensor | None = None) -> Tensor:
         """Recall ``v`` (B, C, H, W) for the student maps (B, C, H, W): ``v = sum_k w_k f_k``,
         per position with ``recall="per_position"``; ``exclude``: see :meth:`select`."""
+        self._check_built(student)
+        b, _, h, w = student.shape
+        if self._projects_entries(b):  # N <= B: the projected entries, compared and mixed
+            entries = self._flat_entries(student.dtype)  # (N, P*C), one projection per step
+            weights, index = self.select(student, exclude, entries)
+            mix = weights.new_zeros(b, self.size).scatter(1, index, weights)
+            return maps((mix @ entries).view(b, h * w, -1), h, w)
         weights, index = self.select(student, exclude)
         # The stored maps are mixed first and the B recalled maps projected: the same v as
         # mixing projected entries (the 1x1 conv is affine and w sums to one over K), with
         # the same gradients, but the work is on B maps instead of the N entries.
-        h, w = student.shape[-2:]
         source = positions(self.features.to(student.dtype))  # (N, P, C_t)
         n, p, c = source.shape
         if self.recall == "flattened":
