@@ -22,7 +22,11 @@ from kdad.config import CONFIG_DIR
 from kdad.data import AnomalyDataModule
 from kdad.errors import KDADError
 from kdad.lightning.loading import load_module
-from kdad.models.components.feature_bank import NormalFeatureBank, select_bank_images
+from kdad.models.components.feature_bank import (
+    NormalFeatureBank,
+    flat_cosines,
+    select_bank_images,
+)
 from kdad.models.components.hafm import FUSIONS, HAFM, StageFusion
 from kdad.models.nferd import NFERD, BankSettings
 from kdad.models.rd4ad import RD4AD
@@ -329,6 +333,26 @@ def test_recall_values_and_gradients_match_projecting_every_entry(recall: str, b
     for g, e in zip(got_grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
     assert got_grads[0].abs().sum() > 0  # gradient through S reaches the student
+
+
+def test_flat_cosines_backward_is_the_derivative() -> None:
+    """The hand-written backward of the flattened cosines is the derivative (gradcheck in
+    float64), and a zero query row gets autograd's gradient (its norm clamped: no radial term)."""
+    torch.manual_seed(0)
+    queries = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    entries = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    norms = (entries.detach().norm(dim=1) * 1.3).requires_grad_()  # any positive norms
+    assert torch.autograd.gradcheck(flat_cosines, (queries, entries, norms))
+
+    zero_row = torch.cat([torch.zeros(1, 10, dtype=torch.float64), queries.detach()[1:]])
+    upstream = torch.randn(3, 4, dtype=torch.float64)
+    got_q = zero_row.clone().requires_grad_()
+    got = torch.autograd.grad((flat_cosines(got_q, entries, norms) * upstream).sum(), got_q)[0]
+    ref_q = zero_row.clone().requires_grad_()
+    scale = ref_q.norm(dim=1).clamp_min(1e-12)[:, None] * norms.clamp_min(1e-12)[None]
+    plain = (ref_q @ entries.T) / scale
+    expected = torch.autograd.grad((plain * upstream).sum(), ref_q)[0]
+    torch.testing.assert_close(got, expected)
 
 
 def test_exclude_self_excludes_the_image_itself_not_its_near_duplicates() -> None:

@@ -78,18 +78,18 @@ class _FlatCosines(torch.autograd.Function):
     with the entries' norms ``|g|`` (N,) given (so that they can come from the bank's moments).
 
     Autograd would take ``|q|``'s gradient through three full-size passes over ``q`` (norm
-    backward) and add it to the product's; this backward writes ``q``'s gradient once:
-    ``dS/dq = (g_n - S_bn |q| / |g_n| * q / |q|) / (|q| |g_n|)`` summed against the upstream
-    gradient, i.e. ``A @ g - (sum_n G*S / |q|^2) q`` with ``A = G / (|q| |g|)``.
+    backward) and add it to the product's; this backward writes ``q``'s gradient once, from
+    ``dS_bn/dq_b = g_n / (|q_b| |g_n|) - S_bn q_b / |q_b|^2``: with upstream ``G`` (B, N),
+    ``A @ g - (sum_n G S / |q|^2) q`` where ``A = G / (|q| |g|)``. Norms below 1e-12 are
+    clamped there and pass no gradient, as autograd's ``clamp_min`` does.
     """
 
     @staticmethod
     def forward(ctx, queries: Tensor, entries: Tensor, entry_norms: Tensor):  # type: ignore[override]
-        q_norms = queries.norm(dim=1).clamp_min(1e-12)
-        e_norms = entry_norms.clamp_min(1e-12)
-        scale = q_norms[:, None] * e_norms[None]
+        q_norms = queries.norm(dim=1)
+        scale = q_norms.clamp_min(1e-12)[:, None] * entry_norms.clamp_min(1e-12)[None]
         sim = (queries @ entries.T) / scale
-        ctx.save_for_backward(queries, entries, q_norms, e_norms, sim, scale)
+        ctx.save_for_backward(queries, entries, q_norms, entry_norms, sim, scale)
         return sim
 
     @staticmethod
@@ -99,12 +99,14 @@ class _FlatCosines(torch.autograd.Function):
         along = grad * sim
         grad_q = grad_e = grad_norms = None
         if ctx.needs_input_grad[0]:
-            radial = (along.sum(dim=1) / q_norms.square())[:, None].to(queries.dtype)
+            radial = along.sum(dim=1) / q_norms.square().clamp_min(1e-24)
+            radial = radial.masked_fill(q_norms < 1e-12, 0.0)[:, None].to(queries.dtype)
             grad_q = torch.addcmul(weighted.to(entries.dtype) @ entries, queries, radial, value=-1)
         if ctx.needs_input_grad[1]:
             grad_e = weighted.T.to(queries.dtype) @ queries
         if ctx.needs_input_grad[2]:
-            grad_norms = -along.sum(dim=0) / e_norms
+            grad_norms = -along.sum(dim=0) / e_norms.clamp_min(1e-12)
+            grad_norms = grad_norms.masked_fill(e_norms < 1e-12, 0.0)
         return grad_q, grad_e, grad_norms
 
 
