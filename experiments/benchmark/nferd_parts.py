@@ -1,10 +1,12 @@
-"""Where NFERD's extra step time goes: its bank recall and its fusion at each decoder stage.
+"""Where NFERD's extra step time goes: its bank recall and its fusion at each decoder stage,
+and its loss beside RD4AD's.
 
 Builds each variant as its config composes it (``train_throughput.build_kdad``: random teacher,
 channels-last, bank built), records the inputs of every bank and fusion module in one training
 forward, then times each module's forward + backward on those inputs (parameter gradients
-included, as in training) next to the whole training step of RD4AD and of the variant. Timing
-windows are interleaved (A B C ... A B C ...) and the median taken, as in train_throughput.py.
+included, as in training) and each model's loss on its feature pairs, next to the whole
+training step of RD4AD and of the variant. Timing windows are interleaved (A B C ... A B C
+...) and the median taken, as in train_throughput.py.
 
     python experiments/benchmark/nferd_parts.py --backbone tf_efficientnet_lite0 --size 128 \\
         --models nferd,nferd_plus --out experiments/benchmark/results/nferd_parts_lite0
@@ -38,6 +40,23 @@ def module_step(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Ca
         for leaf in leaves:
             leaf.grad = None
         module(*leaves).backward(upstream)
+
+    return step
+
+
+def loss_step(net: torch.nn.Module, images: torch.Tensor) -> Callable[[], None]:
+    """Forward + backward of ``net``'s training loss on the feature pairs of one training
+    forward (teacher maps fixed, the predictions as leaves, in the layout training gives them)."""
+    net.train()
+    with torch.no_grad():
+        pairs = net(images)
+    targets = [target.detach() for target, _ in pairs]
+    predictions = [prediction.detach().requires_grad_() for _, prediction in pairs]
+
+    def step() -> None:
+        for leaf in predictions:
+            leaf.grad = None
+        net.loss(list(zip(targets, predictions, strict=True))).backward()
 
     return step
 
@@ -83,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         net = build_kdad(name, args.backbone, args.size, device, channels_last=True)
         whole = kdad_step(net, bf16=False, fused=True, teacher_cache=True)
         steps[f"{name}: whole training step"] = lambda whole=whole: whole(images)
+        steps[f"{name}: loss"] = loss_step(net, images)
         if name == "rd4ad":
             continue
         for part, (module, inputs) in recorded_inputs(net, images).items():
