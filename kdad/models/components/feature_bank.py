@@ -143,6 +143,7 @@ class NormalFeatureBank(nn.Module):
     features: Tensor
     gram: Tensor
     total: Tensor
+    by_position: Tensor
 
     def __init__(
         self,
@@ -175,6 +176,7 @@ class NormalFeatureBank(nn.Module):
         c = teacher_channels
         self.register_buffer("gram", torch.zeros(0, c, c), persistent=False)
         self.register_buffer("total", torch.zeros(0, c), persistent=False)
+        self.register_buffer("by_position", torch.zeros(0, 0, c), persistent=False)
 
     @property
     def size(self) -> int:
@@ -197,16 +199,20 @@ class NormalFeatureBank(nn.Module):
             )
         # Channels-last memory: the 1x1 projection and the per-position reads are faster.
         self.features = teacher_maps.detach().float().contiguous(memory_format=torch.channels_last)
-        self._store_moments()
+        self._derive()
 
     @torch.no_grad()
-    def _store_moments(self) -> None:
-        """Each entry's second and first moments over positions, ``sum_p f f^T`` (N, C_t, C_t)
-        and ``sum_p f`` (N, C_t): with them a projected entry's norm needs no projected map
-        (:meth:`_entry_norms`). Derived from ``features``, so never saved in checkpoints."""
+    def _derive(self) -> None:
+        """What the recall reads besides ``features``, derived from it (so never saved in
+        checkpoints): each entry's second and first moments over positions, ``sum_p f f^T``
+        (N, C_t, C_t) and ``sum_p f`` (N, C_t), with which a projected entry's norm needs no
+        projected map (:meth:`_entry_norms`); and, for ``per_position``, the entries
+        position by position, ``by_position`` (P, N, C_t), the operand of its batched mix."""
         rows = positions(self.features)  # (N, P, C_t)
         self.gram = rows.transpose(1, 2) @ rows
         self.total = rows.sum(dim=1)
+        if self.recall == "per_position":
+            self.by_position = rows.transpose(0, 1).contiguous()
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -224,7 +230,7 @@ class NormalFeatureBank(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        self._store_moments()
+        self._derive()
 
     def _project(self, rows: Tensor) -> Tensor:
         """The trainable 1x1 convolution on position-major rows (..., C_t) -> (..., C)."""
@@ -347,11 +353,14 @@ class NormalFeatureBank(nn.Module):
         top_sim, top_idx = sim.topk(k, dim=1)
         return self.weights(top_sim), top_idx
 
+    def _dense(self, weights: Tensor, index: Tensor) -> Tensor:
+        """(B, N[, H, W]): ``w_k`` on the recalled entries ``index``, 0 elsewhere."""
+        shape = (weights.shape[0], self.size, *weights.shape[2:])
+        return weights.new_zeros(shape).scatter(1, index, weights)
+
     def mixture(self, student: Tensor, exclude: Tensor | None = None) -> Tensor:
         """Dense mixing weights (B, N[, H, W]): ``w_k`` on the recalled entries, 0 elsewhere."""
-        weights, index = self.select(student, exclude)
-        shape = (student.shape[0], self.size, *weights.shape[2:])
-        return weights.new_zeros(shape).scatter(1, index, weights)
+        return self._dense(*self.select(student, exclude))
 
     def forward(self, student: Tensor, exclude: Tensor | None = None) -> Tensor:
         """Recall ``v`` (B, C, H, W) for the student maps (B, C, H, W): ``v = sum_k w_k f_k``,
@@ -361,23 +370,24 @@ class NormalFeatureBank(nn.Module):
         if self._projects_entries(b):  # N <= B: the projected entries, compared and mixed
             entries = self._flat_entries(student.dtype)  # (N, P*C), one projection per step
             weights, index = self.select(student, exclude, entries)
-            mix = weights.new_zeros(b, self.size).scatter(1, index, weights)
+            mix = self._dense(weights, index)
             return maps((mix @ entries).view(b, h * w, -1), h, w)
         weights, index = self.select(student, exclude)
         # The stored maps are mixed first and the B recalled maps projected: the same v as
         # mixing projected entries (the 1x1 conv is affine and w sums to one over K), with
         # the same gradients, but the work is on B maps instead of the N entries.
-        source = positions(self.features.to(student.dtype))  # (N, P, C_t)
-        n, p, c = source.shape
         if self.recall == "flattened":
-            mix = weights.new_zeros(student.shape[0], n).scatter(1, index, weights)
-            mixed = (mix @ source.reshape(n, -1)).view(-1, p, c)  # (B, P, C_t)
-        else:  # gather the K entries' vectors at each position (K/N of a dense mix's work)
-            table = source.reshape(n * p, c)  # row n*P + p: entry n at p
-            rows = index.flatten(2) * p + torch.arange(p, device=student.device)
-            picked = F.embedding(rows, table)  # (B, K, P, C_t), one row lookup per entry
-            mixed = (weights.flatten(2).unsqueeze(-1) * picked).sum(1)  # (B, P, C_t)
-        return maps(self._project(mixed), h, w)  # channels-last memory, like the decoder's maps
+            source = positions(self.features.to(student.dtype)).reshape(self.size, -1)
+            mixed = (self._dense(weights, index) @ source).view(b, h * w, -1)  # (B, P, C_t)
+        else:
+            # One (B, N) @ (N, C_t) product per position, on the dense weights (w_k on the
+            # recalled entries, 0 elsewhere): N/K times a gather's multiply-adds, but no
+            # (B, K, P, C_t) copy of the K entries and no pass over it forward and backward.
+            mix = self._dense(weights, index).flatten(2)
+            table = self.by_position.to(student.dtype)  # (P, N, C_t)
+            mixed = torch.bmm(mix.permute(2, 0, 1), table).transpose(0, 1)  # (B, P, C_t)
+        rows = self._project(mixed).contiguous()  # (B, P, C)
+        return maps(rows, h, w)  # channels-last memory, like the decoder's maps
 
 
 def select_bank_images(num_images: int, size: int, seed: int) -> list[int]:
