@@ -331,15 +331,20 @@ class NormalFeatureBank(nn.Module):
         positive = top_sim.clamp_min(0) + 1e-8
         return positive / positive.sum(dim=1, keepdim=True)
 
-    def select(
+    def mixture(
         self, student: Tensor, exclude: Tensor | None = None, entries: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """The top-K of ``S``: weights ``w`` and entry indices (B, K[, H, W]). ``exclude``
-        (B, N) bool marks entries a row may not recall (leave-one-out training); ``entries``:
-        see :meth:`similarities`. Without ``similarity_grad``, ``S`` is computed without
-        gradient (a retrieval key): ``w`` then learns only through the learned scale."""
+    ) -> Tensor:
+        """Dense mixing weights (B, N[, H, W]): ``w_k`` on the top-K entries of ``S``, 0
+        elsewhere. ``exclude`` (B, N) bool marks entries a row may not recall (leave-one-out
+        training); ``entries``: see :meth:`similarities`. Without ``similarity_grad``, ``S`` is
+        computed without gradient (a retrieval key): ``w`` then learns only through the learned
+        scale."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.similarity_grad):
             sim = self.similarities(student, entries)
+        # Zeros computed from S itself (finite before the mask): ONNX's exporter bakes the
+        # traced batch into ``zeros_like``/``new_zeros`` of the 4-D S, which then fails on any
+        # other batch (tests/inference/test_export.py).
+        zeros = sim.detach() * 0
         if exclude is not None:
             mask = exclude if sim.dim() == 2 else exclude[:, :, None, None]
             sim = sim.masked_fill(mask, float("-inf"))
@@ -351,41 +356,31 @@ class NormalFeatureBank(nn.Module):
                 "model.nfb: no bank entry left to recall after excluding the image itself"
             )
         top_sim, top_idx = sim.topk(k, dim=1)
-        return self.weights(top_sim), top_idx
-
-    def _dense(self, weights: Tensor, index: Tensor) -> Tensor:
-        """(B, N[, H, W]): ``w_k`` on the recalled entries ``index``, 0 elsewhere."""
-        shape = (weights.shape[0], self.size, *weights.shape[2:])
-        return weights.new_zeros(shape).scatter(1, index, weights)
-
-    def mixture(self, student: Tensor, exclude: Tensor | None = None) -> Tensor:
-        """Dense mixing weights (B, N[, H, W]): ``w_k`` on the recalled entries, 0 elsewhere."""
-        return self._dense(*self.select(student, exclude))
+        return zeros.scatter(1, top_idx, self.weights(top_sim))
 
     def forward(self, student: Tensor, exclude: Tensor | None = None) -> Tensor:
         """Recall ``v`` (B, C, H, W) for the student maps (B, C, H, W): ``v = sum_k w_k f_k``,
-        per position with ``recall="per_position"``; ``exclude``: see :meth:`select`."""
+        per position with ``recall="per_position"``; ``exclude``: see :meth:`mixture`."""
         self._check_built(student)
         b, _, h, w = student.shape
         if self._projects_entries(b):  # N <= B: the projected entries, compared and mixed
             entries = self._flat_entries(student.dtype)  # (N, P*C), one projection per step
-            weights, index = self.select(student, exclude, entries)
-            mix = self._dense(weights, index)
+            mix = self.mixture(student, exclude, entries)
             return maps((mix @ entries).view(b, h * w, -1), h, w)
-        weights, index = self.select(student, exclude)
+        mix = self.mixture(student, exclude)
         # The stored maps are mixed first and the B recalled maps projected: the same v as
         # mixing projected entries (the 1x1 conv is affine and w sums to one over K), with
         # the same gradients, but the work is on B maps instead of the N entries.
         if self.recall == "flattened":
             source = positions(self.features.to(student.dtype)).reshape(self.size, -1)
-            mixed = (self._dense(weights, index) @ source).view(b, h * w, -1)  # (B, P, C_t)
+            mixed = (mix @ source).view(b, h * w, -1)  # (B, P, C_t)
         else:
             # One (B, N) @ (N, C_t) product per position, on the dense weights (w_k on the
             # recalled entries, 0 elsewhere): N/K times a gather's multiply-adds, but no
             # (B, K, P, C_t) copy of the K entries and no pass over it forward and backward.
-            mix = self._dense(weights, index).flatten(2)
             table = self.by_position.to(student.dtype)  # (P, N, C_t)
-            mixed = torch.bmm(mix.permute(2, 0, 1), table).transpose(0, 1)  # (B, P, C_t)
+            mix = mix.flatten(2).permute(2, 0, 1)  # (P, B, N)
+            mixed = torch.bmm(mix, table).transpose(0, 1)  # (B, P, C_t)
         rows = self._project(mixed).contiguous()  # (B, P, C)
         return maps(rows, h, w)  # channels-last memory, like the decoder's maps
 
