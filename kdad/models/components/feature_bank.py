@@ -143,7 +143,6 @@ class NormalFeatureBank(nn.Module):
     features: Tensor
     gram: Tensor
     total: Tensor
-    by_position: Tensor
 
     def __init__(
         self,
@@ -176,7 +175,6 @@ class NormalFeatureBank(nn.Module):
         c = teacher_channels
         self.register_buffer("gram", torch.zeros(0, c, c), persistent=False)
         self.register_buffer("total", torch.zeros(0, c), persistent=False)
-        self.register_buffer("by_position", torch.zeros(0, 0, c), persistent=False)
 
     @property
     def size(self) -> int:
@@ -206,13 +204,10 @@ class NormalFeatureBank(nn.Module):
         """What the recall reads besides ``features``, derived from it (so never saved in
         checkpoints): each entry's second and first moments over positions, ``sum_p f f^T``
         (N, C_t, C_t) and ``sum_p f`` (N, C_t), with which a projected entry's norm needs no
-        projected map (:meth:`_entry_norms`); and, for ``per_position``, the entries
-        position by position, ``by_position`` (P, N, C_t), the operand of its batched mix."""
+        projected map (:meth:`_entry_norms`)."""
         rows = positions(self.features)  # (N, P, C_t)
         self.gram = rows.transpose(1, 2) @ rows
         self.total = rows.sum(dim=1)
-        if self.recall == "per_position":
-            self.by_position = rows.transpose(0, 1).contiguous()
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -331,23 +326,20 @@ class NormalFeatureBank(nn.Module):
         positive = top_sim.clamp_min(0) + 1e-8
         return positive / positive.sum(dim=1, keepdim=True)
 
-    def mixture(
+    def _top(
         self, student: Tensor, exclude: Tensor | None = None, entries: Tensor | None = None
-    ) -> Tensor:
-        """Dense mixing weights (B, N[, H, W]): ``w_k`` on the top-K entries of ``S``, 0
-        elsewhere. ``exclude`` (B, N) bool marks entries a row may not recall (leave-one-out
-        training); ``entries``: see :meth:`similarities`. Without ``similarity_grad``, ``S`` is
-        computed without gradient (a retrieval key): ``w`` then learns only through the learned
-        scale."""
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``S`` (before ``exclude``'s mask) and its top-K: weights ``w`` and entry indices
+        (B, K[, H, W]). ``exclude``
+        (B, N) bool marks entries a row may not recall (leave-one-out training); ``entries``:
+        see :meth:`similarities`. Without ``similarity_grad``, ``S`` is computed without
+        gradient (a retrieval key): ``w`` then learns only through the learned scale."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.similarity_grad):
             sim = self.similarities(student, entries)
-        # Zeros computed from S itself (finite before the mask): ONNX's exporter bakes the
-        # traced batch into ``zeros_like``/``new_zeros`` of the 4-D S, which then fails on any
-        # other batch (tests/inference/test_export.py).
-        zeros = sim.detach() * 0
+        masked = sim
         if exclude is not None:
             mask = exclude if sim.dim() == 2 else exclude[:, :, None, None]
-            sim = sim.masked_fill(mask, float("-inf"))
+            masked = sim.masked_fill(mask, float("-inf"))
         k = min(
             self.top_k, self.size - (int(exclude.sum(dim=1).max()) if exclude is not None else 0)
         )
@@ -355,34 +347,50 @@ class NormalFeatureBank(nn.Module):
             raise KDADError(
                 "model.nfb: no bank entry left to recall after excluding the image itself"
             )
-        top_sim, top_idx = sim.topk(k, dim=1)
-        return zeros.scatter(1, top_idx, self.weights(top_sim))
+        top_sim, top_idx = masked.topk(k, dim=1)
+        return sim, self.weights(top_sim), top_idx
+
+    @staticmethod
+    def _dense(sim: Tensor, weights: Tensor, index: Tensor) -> Tensor:
+        """(B, N[, H, W]): ``w_k`` on the recalled entries ``index``, 0 elsewhere. The zeros
+        are computed from the unmasked ``S`` (finite): ONNX's exporter bakes the traced batch
+        into ``zeros_like``/``new_zeros`` of a 4-D S, which then fails on any other batch."""
+        return (sim.detach() * 0).scatter(1, index, weights)
+
+    def mixture(
+        self, student: Tensor, exclude: Tensor | None = None, entries: Tensor | None = None
+    ) -> Tensor:
+        """Dense mixing weights (B, N[, H, W]): ``w_k`` on the top-K entries of ``S``, 0
+        elsewhere; arguments: see :meth:`_top`."""
+        return self._dense(*self._top(student, exclude, entries))
 
     def forward(self, student: Tensor, exclude: Tensor | None = None) -> Tensor:
         """Recall ``v`` (B, C, H, W) for the student maps (B, C, H, W): ``v = sum_k w_k f_k``,
-        per position with ``recall="per_position"``; ``exclude``: see :meth:`mixture`."""
+        per position with ``recall="per_position"``; ``exclude``: see :meth:`_top`."""
         self._check_built(student)
         b, _, h, w = student.shape
         if self._projects_entries(b):  # N <= B: the projected entries, compared and mixed
             entries = self._flat_entries(student.dtype)  # (N, P*C), one projection per step
             mix = self.mixture(student, exclude, entries)
             return maps((mix @ entries).view(b, h * w, -1), h, w)
-        mix = self.mixture(student, exclude)
+        sim, weights, index = self._top(student, exclude)
         # The stored maps are mixed first and the B recalled maps projected: the same v as
         # mixing projected entries (the 1x1 conv is affine and w sums to one over K), with
         # the same gradients, but the work is on B maps instead of the N entries.
         if self.recall == "flattened":
             source = positions(self.features.to(student.dtype)).reshape(self.size, -1)
-            mixed = (mix @ source).view(b, h * w, -1)  # (B, P, C_t)
+            mixed = (self._dense(sim, weights, index) @ source).view(b, h * w, -1)  # (B, P, C_t)
         else:
-            # One (B, N) @ (N, C_t) product per position, on the dense weights (w_k on the
-            # recalled entries, 0 elsewhere): N/K times a gather's multiply-adds, but no
-            # (B, K, P, C_t) copy of the K entries and no pass over it forward and backward.
-            table = self.by_position.to(student.dtype)  # (P, N, C_t)
-            mix = mix.flatten(2).permute(2, 0, 1)  # (P, B, N)
-            mixed = torch.bmm(mix, table).transpose(0, 1)  # (B, P, C_t)
-        rows = self._project(mixed).contiguous()  # (B, P, C)
-        return maps(rows, h, w)  # channels-last memory, like the decoder's maps
+            # Gather the K entries' vectors at each position: K/N of a dense mix's work. A
+            # batched product per position on the dense weights instead costs 2-3x this bank's
+            # step at stage 0 (forward + backward; experiments/benchmark/README.md).
+            source = positions(self.features.to(student.dtype))  # (N, P, C_t)
+            p = source.shape[1]
+            table = source.reshape(-1, source.shape[2])  # row n*P + p: entry n at p
+            rows = index.flatten(2) * p + torch.arange(p, device=student.device)
+            picked = F.embedding(rows, table)  # (B, K, P, C_t), one row lookup per entry
+            mixed = (weights.flatten(2).unsqueeze(-1) * picked).sum(1)  # (B, P, C_t)
+        return maps(self._project(mixed), h, w)  # channels-last memory, like the decoder's maps
 
 
 def select_bank_images(num_images: int, size: int, seed: int) -> list[int]:
