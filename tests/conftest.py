@@ -30,6 +30,21 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     }
 
 
+# Module- or session-scoped fixtures that train a run: a fixture runs once per worker process,
+# so every test that uses one goes to the same worker (make test's --dist loadgroup) and the
+# run is trained once instead of once on each worker.
+SHARED_RUNS = frozenset({"trained", "trained_run", "uninterrupted", "cli_run"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        shared = SHARED_RUNS.intersection(getattr(item, "fixturenames", ()))
+        if shared and item.get_closest_marker("xdist_group") is None:
+            name = f"{item.nodeid.split('::')[0]}:{min(shared)}"
+            item.add_marker(pytest.mark.xdist_group(name))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
     outcome = yield
