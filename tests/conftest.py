@@ -36,13 +36,30 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 SHARED_RUNS = frozenset({"trained", "trained_run", "uninterrupted", "cli_run"})
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's hook reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group the tests of a shared run, and send every group to one worker.
+
+    pytest-xdist 3.8 puts a test's group in its node id (``<id>@<group>``, which its loadgroup
+    scheduler reads) by setting ``item._nodeid``, which pytest 9 no longer reads (its node id is
+    ``item._id``), so every ``xdist_group`` was ignored; it is done here where xdist did not.
+    """
     for item in items:
         shared = SHARED_RUNS.intersection(getattr(item, "fixturenames", ()))
         if shared and item.get_closest_marker("xdist_group") is None:
             name = f"{item.nodeid.split('::')[0]}:{min(shared)}"
             item.add_marker(pytest.mark.xdist_group(name))
+        if not getattr(config.option, "loadgroup", False) or "@" in item.nodeid:
+            continue
+        groups = sorted({str(m.args[0]) for m in item.iter_markers("xdist_group") if m.args})
+        if groups:
+            suffixed = f"{item.nodeid}@{'_'.join(groups)}"
+            if hasattr(item, "_id"):  # pytest 9 keeps the node id here
+                from _pytest.nodeid import coerce_node_id
+
+                item._id = coerce_node_id(suffixed)
+            else:
+                item._nodeid = suffixed
 
 
 @pytest.hookimpl(hookwrapper=True)
