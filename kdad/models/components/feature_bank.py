@@ -197,14 +197,13 @@ class NormalFeatureBank(nn.Module):
             )
         # Channels-last memory: the 1x1 projection and the per-position reads are faster.
         self.features = teacher_maps.detach().float().contiguous(memory_format=torch.channels_last)
-        self._derive()
+        self._store_moments()
 
     @torch.no_grad()
-    def _derive(self) -> None:
-        """What the recall reads besides ``features``, derived from it (so never saved in
-        checkpoints): each entry's second and first moments over positions, ``sum_p f f^T``
-        (N, C_t, C_t) and ``sum_p f`` (N, C_t), with which a projected entry's norm needs no
-        projected map (:meth:`_entry_norms`)."""
+    def _store_moments(self) -> None:
+        """Each entry's second and first moments over positions, ``sum_p f f^T`` (N, C_t, C_t)
+        and ``sum_p f`` (N, C_t): with them a projected entry's norm needs no projected map
+        (:meth:`_entry_norms`). Derived from ``features``, so never saved in checkpoints."""
         rows = positions(self.features)  # (N, P, C_t)
         self.gram = rows.transpose(1, 2) @ rows
         self.total = rows.sum(dim=1)
@@ -225,7 +224,7 @@ class NormalFeatureBank(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        self._derive()
+        self._store_moments()
 
     def _project(self, rows: Tensor) -> Tensor:
         """The trainable 1x1 convolution on position-major rows (..., C_t) -> (..., C)."""
@@ -326,20 +325,18 @@ class NormalFeatureBank(nn.Module):
         positive = top_sim.clamp_min(0) + 1e-8
         return positive / positive.sum(dim=1, keepdim=True)
 
-    def _top(
+    def select(
         self, student: Tensor, exclude: Tensor | None = None, entries: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``S`` (before ``exclude``'s mask) and its top-K: weights ``w`` and entry indices
-        (B, K[, H, W]). ``exclude``
+    ) -> tuple[Tensor, Tensor]:
+        """The top-K of ``S``: weights ``w`` and entry indices (B, K[, H, W]). ``exclude``
         (B, N) bool marks entries a row may not recall (leave-one-out training); ``entries``:
         see :meth:`similarities`. Without ``similarity_grad``, ``S`` is computed without
         gradient (a retrieval key): ``w`` then learns only through the learned scale."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.similarity_grad):
             sim = self.similarities(student, entries)
-        masked = sim
         if exclude is not None:
             mask = exclude if sim.dim() == 2 else exclude[:, :, None, None]
-            masked = sim.masked_fill(mask, float("-inf"))
+            sim = sim.masked_fill(mask, float("-inf"))
         k = min(
             self.top_k, self.size - (int(exclude.sum(dim=1).max()) if exclude is not None else 0)
         )
@@ -347,46 +344,39 @@ class NormalFeatureBank(nn.Module):
             raise KDADError(
                 "model.nfb: no bank entry left to recall after excluding the image itself"
             )
-        top_sim, top_idx = masked.topk(k, dim=1)
-        return sim, self.weights(top_sim), top_idx
+        top_sim, top_idx = sim.topk(k, dim=1)
+        return self.weights(top_sim), top_idx
 
-    @staticmethod
-    def _dense(sim: Tensor, weights: Tensor, index: Tensor) -> Tensor:
-        """(B, N[, H, W]): ``w_k`` on the recalled entries ``index``, 0 elsewhere. The zeros
-        are computed from the unmasked ``S`` (finite): ONNX's exporter bakes the traced batch
-        into ``zeros_like``/``new_zeros`` of a 4-D S, which then fails on any other batch."""
-        return (sim.detach() * 0).scatter(1, index, weights)
-
-    def mixture(
-        self, student: Tensor, exclude: Tensor | None = None, entries: Tensor | None = None
-    ) -> Tensor:
-        """Dense mixing weights (B, N[, H, W]): ``w_k`` on the top-K entries of ``S``, 0
-        elsewhere; arguments: see :meth:`_top`."""
-        return self._dense(*self._top(student, exclude, entries))
+    def mixture(self, student: Tensor, exclude: Tensor | None = None) -> Tensor:
+        """Dense mixing weights (B, N[, H, W]): ``w_k`` on the recalled entries, 0 elsewhere."""
+        weights, index = self.select(student, exclude)
+        shape = (student.shape[0], self.size, *weights.shape[2:])
+        return weights.new_zeros(shape).scatter(1, index, weights)
 
     def forward(self, student: Tensor, exclude: Tensor | None = None) -> Tensor:
         """Recall ``v`` (B, C, H, W) for the student maps (B, C, H, W): ``v = sum_k w_k f_k``,
-        per position with ``recall="per_position"``; ``exclude``: see :meth:`_top`."""
+        per position with ``recall="per_position"``; ``exclude``: see :meth:`select`."""
         self._check_built(student)
         b, _, h, w = student.shape
         if self._projects_entries(b):  # N <= B: the projected entries, compared and mixed
             entries = self._flat_entries(student.dtype)  # (N, P*C), one projection per step
-            mix = self.mixture(student, exclude, entries)
+            weights, index = self.select(student, exclude, entries)
+            mix = weights.new_zeros(b, self.size).scatter(1, index, weights)
             return maps((mix @ entries).view(b, h * w, -1), h, w)
-        sim, weights, index = self._top(student, exclude)
+        weights, index = self.select(student, exclude)
         # The stored maps are mixed first and the B recalled maps projected: the same v as
         # mixing projected entries (the 1x1 conv is affine and w sums to one over K), with
         # the same gradients, but the work is on B maps instead of the N entries.
+        source = positions(self.features.to(student.dtype))  # (N, P, C_t)
+        n, p, c = source.shape
         if self.recall == "flattened":
-            source = positions(self.features.to(student.dtype)).reshape(self.size, -1)
-            mixed = (self._dense(sim, weights, index) @ source).view(b, h * w, -1)  # (B, P, C_t)
+            mix = weights.new_zeros(student.shape[0], n).scatter(1, index, weights)
+            mixed = (mix @ source.reshape(n, -1)).view(-1, p, c)  # (B, P, C_t)
         else:
-            # Gather the K entries' vectors at each position: K/N of a dense mix's work. A
-            # batched product per position on the dense weights instead costs 2-3x this bank's
-            # step at stage 0 (forward + backward; experiments/benchmark/README.md).
-            source = positions(self.features.to(student.dtype))  # (N, P, C_t)
-            p = source.shape[1]
-            table = source.reshape(-1, source.shape[2])  # row n*P + p: entry n at p
+            # Gather the K entries' vectors at each position: K/N of a dense mix's work. One
+            # batched product per position on dense weights instead made this bank's stage 0
+            # about 2x slower, forward + backward (experiments/benchmark/README.md).
+            table = source.reshape(n * p, c)  # row n*P + p: entry n at p
             rows = index.flatten(2) * p + torch.arange(p, device=student.device)
             picked = F.embedding(rows, table)  # (B, K, P, C_t), one row lookup per entry
             mixed = (weights.flatten(2).unsqueeze(-1) * picked).sum(1)  # (B, P, C_t)
