@@ -362,6 +362,21 @@ def test_model_configs_build_hkt_and_hkt_plus() -> None:
         assert isinstance(net, HKT) and (net.teacher_extra is not None) is extra
 
 
+def test_hkt_both_is_hkt_with_both_pair_sets_and_nothing_else() -> None:
+    """kdad's variant model=hkt_both is what the switch study measured (model=hkt
+    model.alignment=both, experiments/photos): the same config but for its name."""
+    from omegaconf import OmegaConf
+
+    both = _compose(["model=hkt_both"])
+    spelled = _compose(["model=hkt", "model.alignment=both"])
+    assert both.model_name == "hkt_both" and spelled.model_name == "hkt"
+    plain = [OmegaConf.to_container(cfg, resolve=False) for cfg in (both, spelled)]
+    for cfg in plain:
+        del cfg["hydra"], cfg["model_name"]
+    assert plain[0] == plain[1]
+    assert both.model.alignment == "both" and both.model.projectors
+
+
 def test_ablation_experiment_is_a_multirun_grid() -> None:
     cfg = _compose(["experiment=hkt_ablation"])
     assert cfg.model_name == "hkt"
