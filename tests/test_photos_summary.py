@@ -28,3 +28,18 @@ def test_full_grid_keeps_only_categories_every_kept_seed_has() -> None:
     assert full_grid(seed0 | three) == {(c, s) for c in "abc" for s in (0, 1)}
     assert full_grid(seed0) == seed0
     assert full_grid(set()) == set()
+
+
+def test_a_variant_with_runs_still_to_do_leaves_the_mean_table_whole() -> None:
+    summary = _summary()
+
+    def run(model: str, category: str, seed: int) -> dict:
+        return {"model": model, "category": category, "seed": seed}
+
+    knn = [run("knn", c, s) for c in "ab" for s in (0, 1)]
+    hkt = [run("hkt", c, s) for c in "ab" for s in (0, 1)]
+    late = [run("hkt_both", "a", 0)]
+    kept, note = summary.split_partial(knn + hkt + late)
+    assert kept == knn + hkt
+    assert "hkt_both (1 of 4 category/seed pairs)" in note
+    assert summary.split_partial(knn + hkt) == (knn + hkt, "")
