@@ -347,11 +347,14 @@ class NormalFeatureBank(nn.Module):
         top_sim, top_idx = sim.topk(k, dim=1)
         return self.weights(top_sim), top_idx
 
+    def _dense(self, weights: Tensor, index: Tensor) -> Tensor:
+        """(B, N[, H, W]): ``w_k`` (B, K[, H, W]) on the recalled entries ``index``, 0 elsewhere."""
+        shape = (weights.shape[0], self.size, *weights.shape[2:])
+        return weights.new_zeros(shape).scatter(1, index, weights)
+
     def mixture(self, student: Tensor, exclude: Tensor | None = None) -> Tensor:
         """Dense mixing weights (B, N[, H, W]): ``w_k`` on the recalled entries, 0 elsewhere."""
-        weights, index = self.select(student, exclude)
-        shape = (student.shape[0], self.size, *weights.shape[2:])
-        return weights.new_zeros(shape).scatter(1, index, weights)
+        return self._dense(*self.select(student, exclude))
 
     def forward(self, student: Tensor, exclude: Tensor | None = None) -> Tensor:
         """Recall ``v`` (B, C, H, W) for the student maps (B, C, H, W): ``v = sum_k w_k f_k``,
@@ -360,8 +363,7 @@ class NormalFeatureBank(nn.Module):
         b, _, h, w = student.shape
         if self._projects_entries(b):  # N <= B: the projected entries, compared and mixed
             entries = self._flat_entries(student.dtype)  # (N, P*C), one projection per step
-            weights, index = self.select(student, exclude, entries)
-            mix = weights.new_zeros(b, self.size).scatter(1, index, weights)
+            mix = self._dense(*self.select(student, exclude, entries))
             return maps((mix @ entries).view(b, h * w, -1), h, w)
         weights, index = self.select(student, exclude)
         # The stored maps are mixed first and the B recalled maps projected: the same v as
@@ -370,7 +372,7 @@ class NormalFeatureBank(nn.Module):
         source = positions(self.features.to(student.dtype))  # (N, P, C_t)
         n, p, c = source.shape
         if self.recall == "flattened":
-            mix = weights.new_zeros(student.shape[0], n).scatter(1, index, weights)
+            mix = self._dense(weights, index)  # (B, N)
             mixed = (mix @ source.reshape(n, -1)).view(-1, p, c)  # (B, P, C_t)
         else:
             # Gather the K entries' vectors at each position: K/N of a dense mix's work. One
