@@ -38,6 +38,7 @@ from study import REFERENCE, SWITCHES  # noqa: E402
 
 # kdad's named variant of a switched method: its headline runs of the same categories and
 # seeds sit in the switch table, so that each switch reads beside the combination kdad ships.
+# (HKT's, hkt_both, is the hkt_cross_scale study's alignment=both row itself.)
 NAMED_VARIANT = {"nferd": "nferd_plus"}
 
 

@@ -363,18 +363,29 @@ def test_model_configs_build_hkt_and_hkt_plus() -> None:
 
 
 def test_hkt_both_is_hkt_with_both_pair_sets_and_nothing_else() -> None:
-    """kdad's variant model=hkt_both is what the switch study measured (model=hkt
-    model.alignment=both, experiments/photos): the same config but for its name."""
+    """kdad's variant model=hkt_both is what the photos study runs under its name at the
+    pinned commit (study.py's spelling: model=hkt model.alignment=both, and the name), and
+    what the switch study measured as model=hkt model.alignment=both."""
+    import importlib.util
+
     from omegaconf import OmegaConf
 
-    both = _compose(["model=hkt_both"])
-    spelled = _compose(["model=hkt", "model.alignment=both"])
-    assert both.model_name == "hkt_both" and spelled.model_name == "hkt"
-    plain = [OmegaConf.to_container(cfg, resolve=False) for cfg in (both, spelled)]
-    for cfg in plain:
-        del cfg["hydra"], cfg["model_name"]
-    assert plain[0] == plain[1]
-    assert both.model.alignment == "both" and both.model.projectors
+    path = Path(__file__).parents[2] / "experiments" / "photos" / "study.py"
+    spec = importlib.util.spec_from_file_location("photos_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    spelled = study.SPELLED["hkt_both"]
+    assert [o for o in spelled if not o.startswith("model_name=")] == [
+        "model=hkt",
+        "model.alignment=both",
+    ]
+    both, as_run = (
+        OmegaConf.to_container(_compose(overrides), resolve=False)
+        for overrides in (["model=hkt_both"], spelled)
+    )
+    del both["hydra"], as_run["hydra"]
+    assert both == as_run and both["model_name"] == "hkt_both"
+    assert both["model"]["alignment"] == "both" and both["model"]["projectors"]
 
 
 def test_ablation_experiment_is_a_multirun_grid() -> None:
