@@ -18,7 +18,8 @@ by git). When it has finished, its ``metrics.json``, ``config.yaml`` and ``score
 copied to ``results/<stage>/<run>/`` beside this script (committed), and a run whose results
 are there is skipped: a study continues across sessions where it stopped. After each stage,
 ``kdad-aggregate`` writes the stage's tables (``aggregate.md``/``.csv``, mean ± std over seeds)
-from the committed results only; ``RUN.md`` records each run's command, commit and wall time.
+from the committed results only; ``RUN.md`` records each run's command, commit, wall time, CPU
+and threads.
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ def commit() -> str:
         return "unknown"
 
 
-def hardware() -> str:
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``'s first ``model name``, else the platform's)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -183,7 +185,16 @@ def hardware() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()} CPU cores ({cpu}), no GPU"
+    return cpu
+
+
+def hardware() -> str:
+    return f"{os.cpu_count()} CPU cores ({cpu_name()}), no GPU"
+
+
+def threads() -> str:
+    """What each run's ``OMP_NUM_THREADS`` is (unset: torch's default, one per core)."""
+    return _environment().get("OMP_NUM_THREADS") or f"unset ({os.cpu_count()} cores)"
 
 
 THREADS: str | None = None  # OMP_NUM_THREADS of each run (--jobs > 1: one thread each)
@@ -222,7 +233,12 @@ def execute(stage: str, name: str, overrides: list[str], resumes: str | None) ->
         " ".join(o for o in command[3 + len(PYTHON_FLAGS) :] if not o.startswith("hydra.run.dir"))
     )
     with open(RESULTS / stage / "RUN.md", "a") as record:
-        record.write(f"- `{name}`: {took:.0f} s, commit {commit()}: `kdad-train {shown}`\n")
+        # The machine and threads of each run: a study continues across sessions on whatever
+        # machine each is given, and float rounding (so a run's exact figures) differs with them.
+        record.write(
+            f"- `{name}`: {took:.0f} s, commit {commit()}, {cpu_name()}, "
+            f"OMP_NUM_THREADS={threads()}: `kdad-train {shown}`\n"
+        )
     print(f"  {name}: {took:.0f} s", flush=True)
     return True
 
@@ -372,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         (RESULTS / stage).mkdir(parents=True, exist_ok=True)
         record = RESULTS / stage / "RUN.md"
-        if not record.is_file():
+        if not record.is_file():  # the hardware of the session that started the stage
             record.write_text(
                 f"# {stage}\n\nhardware: {hardware()}; python {platform.python_version()}\n"
                 f"common overrides: `{' '.join(BASE)}`\n\n"

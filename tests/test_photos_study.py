@@ -1,0 +1,65 @@
+"""experiments/photos/study.py: a finished run's results appear whole under results/, its
+RUN.md line names the commit, CPU and threads it ran with, and a done run is skipped."""
+
+from __future__ import annotations
+
+import importlib.util
+import stat
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Stands in for the venv's python: writes the run folder's files as kdad-train would (or fails).
+FAKE_PYTHON = """#!/bin/sh
+for arg in "$@"; do
+  case "$arg" in hydra.run.dir=*) folder="${arg#hydra.run.dir=}";; esac
+done
+case " $* " in *" seed=9 "*) exit 3;; esac
+mkdir -p "$folder"
+echo '{"image_auroc": 0.5}' > "$folder/metrics.json"
+echo "model: knn" > "$folder/config.yaml"
+echo "threads=$OMP_NUM_THREADS" > "$folder/scores.csv"
+"""
+
+
+@pytest.fixture
+def study(tmp_path, monkeypatch):
+    path = ROOT / "experiments" / "photos" / "study.py"
+    spec = importlib.util.spec_from_file_location("photos_study", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    python = bin_dir / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(python.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setattr(module, "BIN", bin_dir)
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(module, "LOGS", tmp_path / "logs")
+    monkeypatch.setattr(module, "THREADS", "1")
+    (tmp_path / "results" / "headline").mkdir(parents=True)
+    return module
+
+
+def test_a_finished_run_is_copied_recorded_with_its_machine_and_then_skipped(study) -> None:
+    overrides = ["model=knn", "data.category=moon", "seed=0"]
+    assert study.execute("headline", "knn_moon_seed0", overrides, None) is True
+    dest = study.RESULTS / "headline" / "knn_moon_seed0"
+    assert sorted(p.name for p in dest.iterdir()) == ["config.yaml", "metrics.json", "scores.csv"]
+    assert (dest / "scores.csv").read_text().strip() == "threads=1"  # the run got THREADS
+    (line,) = (study.RESULTS / "headline" / "RUN.md").read_text().splitlines()
+    assert line.startswith("- `knn_moon_seed0`: ")
+    assert f", {study.cpu_name()}, OMP_NUM_THREADS=1: `kdad-train " in line
+    assert line.endswith("model=knn data.category=moon seed=0`")  # no hydra.run.dir
+    # done: skipped, nothing recorded again
+    assert study.execute("headline", "knn_moon_seed0", overrides, None) is False
+    assert len((study.RESULTS / "headline" / "RUN.md").read_text().splitlines()) == 1
+
+
+def test_a_failed_run_leaves_no_results_and_no_record(study) -> None:
+    study.execute("headline", "knn_moon_seed9", ["model=knn", "seed=9"], None)
+    assert not (study.RESULTS / "headline" / "knn_moon_seed9").exists()
+    assert not (study.RESULTS / "headline" / "knn_moon_seed9.tmp").exists()
+    assert not (study.RESULTS / "headline" / "RUN.md").exists()
