@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"device={args.device} backbone={args.backbone} size={args.size} batch={args.batch} bf16={args.bf16} "
         f"channels_last={args.channels_last} fused={args.fused} compile={args.compile} "
-        f"teacher_cache={args.teacher_cache} "
+        f"teacher_cache={args.teacher_cache} threads={torch.get_num_threads()} "
         f"(timing windows interleaved; median of {args.windows} windows of {args.steps} steps)",
         "",
         f"step time vs {first}: the median (quartiles) over the windows of the step time's ratio "
@@ -300,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         record = {
             "args": {k: str(v) for k, v in vars(args).items()},
             "versions": versions(),
+            "threads": torch.get_num_threads(),
             "rows": rows,
             "step_time_vs": first,
             "step_time_ratio_median_q1_q3": paired,
