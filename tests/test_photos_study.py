@@ -63,3 +63,12 @@ def test_a_failed_run_leaves_no_results_and_no_record(study) -> None:
     assert not (study.RESULTS / "headline" / "knn_moon_seed9").exists()
     assert not (study.RESULTS / "headline" / "knn_moon_seed9.tmp").exists()
     assert not (study.RESULTS / "headline" / "RUN.md").exists()
+
+
+def test_a_run_resumed_from_an_interrupted_one_says_so(study) -> None:
+    folder = study.LOGS / "headline" / "knn_coins_seed0" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "last.ckpt").write_text("interrupted")
+    assert study.execute("headline", "knn_coins_seed0", ["model=knn", "seed=0"], None) is True
+    (line,) = (study.RESULTS / "headline" / "RUN.md").read_text().splitlines()
+    assert " s after resuming an interrupted run, commit " in line

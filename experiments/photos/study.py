@@ -213,6 +213,9 @@ def execute(stage: str, name: str, overrides: list[str], resumes: str | None) ->
             raise SystemExit(f"{name} resumes {previous}, which has no checkpoint: run it first")
         command.append(f"ckpt_path={previous}")
     folder.parent.mkdir(parents=True, exist_ok=True)
+    # An interrupted run (a session's end) leaves its last.ckpt: kdad-train resumes it
+    # (resume=auto), so the wall time below is then the resumed part only; the record says so.
+    resumed = resumes is None and (folder / "checkpoints" / "last.ckpt").is_file()
     started = time.time()
     with open(LOGS / stage / f"{name}.log", "w") as log:
         code = subprocess.run(
@@ -236,7 +239,8 @@ def execute(stage: str, name: str, overrides: list[str], resumes: str | None) ->
         # The machine and threads of each run: a study continues across sessions on whatever
         # machine each is given, and float rounding (so a run's exact figures) differs with them.
         record.write(
-            f"- `{name}`: {took:.0f} s, commit {commit()}, {cpu_name()}, "
+            f"- `{name}`: {took:.0f} s{' after resuming an interrupted run' if resumed else ''}, "
+            f"commit {commit()}, {cpu_name()}, "
             f"OMP_NUM_THREADS={threads()}: `kdad-train {shown}`\n"
         )
     print(f"  {name}: {took:.0f} s", flush=True)
