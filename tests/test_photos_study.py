@@ -72,3 +72,12 @@ def test_a_run_resumed_from_an_interrupted_one_says_so(study) -> None:
     assert study.execute("headline", "knn_coins_seed0", ["model=knn", "seed=0"], None) is True
     (line,) = (study.RESULTS / "headline" / "RUN.md").read_text().splitlines()
     assert " s after resuming an interrupted run, commit " in line
+
+
+def test_a_run_finished_before_but_not_copied_says_so(study) -> None:
+    folder = study.LOGS / "headline" / "knn_china_seed0"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text('{"image_auroc": 0.5}')
+    assert study.execute("headline", "knn_china_seed0", ["model=knn", "seed=0"], None) is True
+    (line,) = (study.RESULTS / "headline" / "RUN.md").read_text().splitlines()
+    assert " s (finished before, only copied now), commit " in line

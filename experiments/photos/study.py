@@ -213,9 +213,14 @@ def execute(stage: str, name: str, overrides: list[str], resumes: str | None) ->
             raise SystemExit(f"{name} resumes {previous}, which has no checkpoint: run it first")
         command.append(f"ckpt_path={previous}")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # An interrupted run (a session's end) leaves its last.ckpt: kdad-train resumes it
-    # (resume=auto), so the wall time below is then the resumed part only; the record says so.
-    resumed = resumes is None and (folder / "checkpoints" / "last.ckpt").is_file()
+    # What kdad-train's resume=auto will do with the folder (kdad/engine/run.py, _previous): a
+    # finished run (metrics.json) is kept, an interrupted one (last.ckpt) resumed; the wall time
+    # below is then not the whole run's, and the record says so.
+    note = ""
+    if (folder / "metrics.json").is_file():
+        note = " (finished before, only copied now)"
+    elif resumes is None and (folder / "checkpoints" / "last.ckpt").is_file():
+        note = " after resuming an interrupted run"
     started = time.time()
     with open(LOGS / stage / f"{name}.log", "w") as log:
         code = subprocess.run(
@@ -239,7 +244,7 @@ def execute(stage: str, name: str, overrides: list[str], resumes: str | None) ->
         # The machine and threads of each run: a study continues across sessions on whatever
         # machine each is given, and float rounding (so a run's exact figures) differs with them.
         record.write(
-            f"- `{name}`: {took:.0f} s{' after resuming an interrupted run' if resumed else ''}, "
+            f"- `{name}`: {took:.0f} s{note}, "
             f"commit {commit()}, {cpu_name()}, "
             f"OMP_NUM_THREADS={threads()}: `kdad-train {shown}`\n"
         )
