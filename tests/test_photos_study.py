@@ -81,3 +81,33 @@ def test_a_run_finished_before_but_not_copied_says_so(study) -> None:
     assert study.execute("headline", "knn_china_seed0", ["model=knn", "seed=0"], None) is True
     (line,) = (study.RESULTS / "headline" / "RUN.md").read_text().splitlines()
     assert " s (finished before, only copied now), commit " in line
+
+
+def test_the_layers_stage_reruns_the_short_variants_on_deeper_layers(study) -> None:
+    runs = {name: overrides for name, overrides, _ in study.stage_runs("layers")}
+    assert len(runs) == 3 * 3 * 3  # rd, nferd, knn x flower, coffee, china x seeds 0-2
+    rd = runs["rd_layers-2-3-4_flower_seed0"]
+    assert "model.layers=[2,3,4]" in rd and "model.backbone=tf_efficientnet_lite0" in rd
+    assert f"trainer.max_epochs={study.EPOCHS['rd']}" in rd  # the headline's budget
+    knn = runs["knn_layers-2-3-4_china_seed2"]
+    assert "model.layers=[2,3,4]" in knn and not any("max_epochs" in o for o in knn)
+
+
+def test_the_layers_table_holds_the_headline_runs_beside_the_stage(study, monkeypatch) -> None:
+    for name in ("rd_layers-2-3-4_flower_seed0", "rd_flower_seed0", "knn_flower_seed0"):
+        stage = "layers" if "layers" in name else "headline"
+        (study.RESULTS / stage / name).mkdir(parents=True)
+        (study.RESULTS / stage / name / "metrics.json").write_text("{}")
+    (study.RESULTS / "headline" / "stfpm_flower_seed0").mkdir()  # not one of the stage's models
+    (study.RESULTS / "headline" / "stfpm_flower_seed0" / "metrics.json").write_text("{}")
+    seen: list[str] = []
+
+    def aggregate(command, **_):
+        seen.extend(sorted(p.name for p in Path(command[-2]).iterdir()))
+        (Path(command[-2]) / "aggregate.md").write_text("table")
+
+    monkeypatch.setattr(study.subprocess, "run", aggregate)
+    study.LOGS.mkdir()
+    study.aggregate("layers")
+    assert seen == ["knn_flower_seed0", "rd_flower_seed0", "rd_layers-2-3-4_flower_seed0"]
+    assert (study.RESULTS / "layers" / "aggregate.md").read_text() == "table"
