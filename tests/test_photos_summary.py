@@ -4,6 +4,7 @@ categories, so the spread over seeds is not a spread over category sets."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,3 +44,31 @@ def test_a_variant_with_runs_still_to_do_leaves_the_mean_table_whole() -> None:
     assert kept == knn + hkt
     assert "hkt_both (1 of 4 category/seed pairs)" in note
     assert summary.split_partial(knn + hkt) == (knn + hkt, "")
+
+
+def test_the_layers_tables_put_each_run_beside_the_knn_line_on_its_own_stages(
+    tmp_path, monkeypatch
+) -> None:
+    summary = _summary()
+    monkeypatch.setattr(summary, "RESULTS", tmp_path)
+
+    def write(stage: str, model: str, layers: list[int], seed: int, auroc: float) -> None:
+        folder = tmp_path / stage / f"{model}_{layers[0]}_flower_seed{seed}"
+        folder.mkdir(parents=True)
+        metrics = {"model": model, "category": "flower", "seed": seed, "image_auroc": auroc}
+        metrics |= {m: 0.5 for m in ("pixel_auroc", "pixel_aupro", "pixel_ap")}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        (folder / "config.yaml").write_text(f"model:\n  layers: {layers}\n")
+
+    for seed in (0, 1):
+        write("headline", "rd", [1, 2, 3], seed, 0.70)
+        write("headline", "knn", [1, 2, 3], seed, 0.80)
+        write("headline", "stfpm", [1, 2, 3], seed, 0.99)  # not a model of the stage
+        write("layers", "rd", [2, 3, 4], seed, 0.90)
+        write("layers", "knn", [2, 3, 4], seed, 0.85)
+    text = "\n".join(summary.layers())
+    low, high = text.split("Teacher stages [2, 3, 4]:")
+    assert "| rd4ad | 2 | 1 | 70.00 ± 0.00 |" in low and "| -10.00 |" in low
+    assert "| rd4ad | 2 | 1 | 90.00 ± 0.00 |" in high and "| +5.00 |" in high
+    assert "stfpm" not in text
+    assert "| knn [layers=[2, 3, 4]] | 85.00 ± 0.00 |" in high  # per category, named by stages

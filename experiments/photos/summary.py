@@ -34,7 +34,7 @@ NAMES = {
     "pixel_ap": "pixel AP",
 }
 sys.path.insert(0, str(HERE))
-from study import REFERENCE, SWITCHES  # noqa: E402
+from study import LAYERS_MODELS, REFERENCE, SWITCHES  # noqa: E402
 
 # kdad's named variant of a switched method: its headline runs of the same categories and
 # seeds sit in the switch table, so that each switch reads beside the combination kdad ships.
@@ -215,6 +215,35 @@ def convergence() -> list[str]:
     return out
 
 
+def layers() -> list[str]:
+    """The layers stage beside the headline runs of its models on its categories and seeds:
+    one table per set of teacher stages, each with the kNN line on those stages, then image
+    AUROC and AUPRO per category with every row named by its stages."""
+    rows = runs("layers")
+    if not rows:
+        return []
+    categories = {r["category"] for r in rows}
+    seeds = {int(r["seed"]) for r in rows}
+    rows += [
+        r
+        for r in runs("headline")
+        if r["model"] in {current_model_name(m) for m in LAYERS_MODELS}
+        and r["category"] in categories
+        and int(r["seed"]) in seeds
+    ]
+    stages = defaultdict(list)
+    for run in rows:
+        stages[tuple(run["config"]["model"]["layers"])].append(run)
+    out = [f"## Teacher layers (Lite0; categories {', '.join(sorted(categories))})", ""]
+    for chosen in sorted(stages):
+        out += [f"Teacher stages {list(chosen)}:", "", *variants_table(stages[chosen]), ""]
+    named = [{**r, "model": label(r, ("model.layers",))} for r in rows]
+    for metric in ("image_auroc", "pixel_aupro"):
+        out += [f"{NAMES[metric][0].upper()}{NAMES[metric][1:]} per category:", ""]
+        out += [*per_category(named, metric=metric), ""]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -262,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             *variants_table([*rows, *reference], keys),
             "",
         ]
+    lines += layers()
     (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
     print((RESULTS / "summary.md").read_text())
     return 0
