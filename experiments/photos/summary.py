@@ -34,7 +34,7 @@ NAMES = {
     "pixel_ap": "pixel AP",
 }
 sys.path.insert(0, str(HERE))
-from study import LAYERS_MODELS, REFERENCE, SWITCHES  # noqa: E402
+from study import REFERENCE, SWITCHES  # noqa: E402
 
 # kdad's named variant of a switched method: its headline runs of the same categories and
 # seeds sit in the switch table, so that each switch reads beside the combination kdad ships.
@@ -216,21 +216,17 @@ def convergence() -> list[str]:
 
 
 def layers() -> list[str]:
-    """The layers stage beside the headline runs of its models on its categories and seeds:
+    """The layers stage beside the headline runs of the same models, categories and seeds:
     one table per set of teacher stages, each with the kNN line on those stages, then image
     AUROC and AUPRO per category with every row named by its stages."""
     rows = runs("layers")
     if not rows:
         return []
     categories = {r["category"] for r in rows}
-    seeds = {int(r["seed"]) for r in rows}
-    rows += [
-        r
-        for r in runs("headline")
-        if r["model"] in {current_model_name(m) for m in LAYERS_MODELS}
-        and r["category"] in categories
-        and int(r["seed"]) in seeds
-    ]
+    # A headline run only where the stage has its model, category and seed: the two sets of
+    # stages are compared over the same runs while the stage is unfinished.
+    done = {(r["model"], r["category"], int(r["seed"])) for r in rows}
+    rows += [r for r in runs("headline") if (r["model"], r["category"], int(r["seed"])) in done]
     stages = defaultdict(list)
     for run in rows:
         stages[tuple(run["config"]["model"]["layers"])].append(run)
