@@ -290,8 +290,8 @@ def _environment() -> dict[str, str]:
 def aggregate(stage: str) -> None:
     """The stage's tables (``aggregate.md``/``.csv``) by kdad-aggregate from the committed
     results. A switch stage's table also holds its method's default and the kNN line on the
-    same categories and seeds, the layers stage's the headline runs of its models (their runs
-    are the headline's: copied for the table only)."""
+    same categories and seeds, the layers stage's the headline runs of the models, categories
+    and seeds it has run (their runs are the headline's: copied for the table only)."""
     folder = RESULTS / stage
     if not any(folder.glob("*/metrics.json")):
         return
@@ -309,6 +309,11 @@ def aggregate(stage: str) -> None:
             for category in categories:
                 for seed in SEEDS:
                     name = run_name(reference, category, seed, [])
+                    # layers: only beside the stage's own run (an unfinished stage compares
+                    # the two sets of stages over the same runs)
+                    own = run_name(reference, category, seed, [LAYERS_OPTION])
+                    if stage == "layers" and not (folder / own / "metrics.json").is_file():
+                        continue
                     if (RESULTS / "headline" / name / "metrics.json").is_file():
                         shutil.copytree(RESULTS / "headline" / name, scratch / name)
         source = scratch
