@@ -65,22 +65,22 @@ def test_a_failed_run_leaves_no_results_and_no_record(study) -> None:
     assert not (study.RESULTS / "headline" / "RUN.md").exists()
 
 
-def test_a_run_resumed_from_an_interrupted_one_says_so(study) -> None:
-    folder = study.LOGS / "headline" / "knn_coins_seed0" / "checkpoints"
-    folder.mkdir(parents=True)
-    (folder / "last.ckpt").write_text("interrupted")
+@pytest.mark.parametrize(
+    ("left", "note"),
+    [
+        # killed half-way: kdad-train's resume=auto continues from last.ckpt
+        ("checkpoints/last.ckpt", " s after resuming an interrupted run, commit "),
+        # finished but not copied: kept as it is and only copied
+        ("metrics.json", " s (finished before, only copied now), commit "),
+    ],
+)
+def test_a_run_left_in_its_log_folder_says_what_became_of_it(study, left, note) -> None:
+    file = study.LOGS / "headline" / "knn_coins_seed0" / left
+    file.parent.mkdir(parents=True)
+    file.write_text('{"image_auroc": 0.5}')
     assert study.execute("headline", "knn_coins_seed0", ["model=knn", "seed=0"], None) is True
     (line,) = (study.RESULTS / "headline" / "RUN.md").read_text().splitlines()
-    assert " s after resuming an interrupted run, commit " in line
-
-
-def test_a_run_finished_before_but_not_copied_says_so(study) -> None:
-    folder = study.LOGS / "headline" / "knn_china_seed0"
-    folder.mkdir(parents=True)
-    (folder / "metrics.json").write_text('{"image_auroc": 0.5}')
-    assert study.execute("headline", "knn_china_seed0", ["model=knn", "seed=0"], None) is True
-    (line,) = (study.RESULTS / "headline" / "RUN.md").read_text().splitlines()
-    assert " s (finished before, only copied now), commit " in line
+    assert note in line
 
 
 def test_the_layers_stage_reruns_the_short_variants_on_deeper_layers(study) -> None:

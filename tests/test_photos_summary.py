@@ -67,7 +67,7 @@ def test_the_layers_tables_put_each_run_beside_the_knn_line_on_its_own_stages(
         write("layers", "rd", [2, 3, 4], seed, 0.90)
         write("layers", "knn", [2, 3, 4], seed, 0.85)
     write("headline", "rd", [1, 2, 3], 2, 0.10)  # a seed the stage has not run yet
-    text = "\n".join(summary.layers())
+    text = "\n".join(summary.layers(summary.runs("headline")))
     low, high = text.split("Teacher stages [2, 3, 4]:")
     assert "| rd4ad | 2 | 1 | 70.00 ± 0.00 |" in low and "| -10.00 |" in low
     assert "| rd4ad | 2 | 1 | 90.00 ± 0.00 |" in high and "| +5.00 |" in high

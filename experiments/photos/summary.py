@@ -215,7 +215,7 @@ def convergence() -> list[str]:
     return out
 
 
-def layers() -> list[str]:
+def layers(headline: list[dict]) -> list[str]:
     """The layers stage beside the headline runs of the same models, categories and seeds:
     one table per set of teacher stages, each with the kNN line on those stages, then image
     AUROC and AUPRO per category with every row named by its stages."""
@@ -226,7 +226,7 @@ def layers() -> list[str]:
     # A headline run only where the stage has its model, category and seed: the two sets of
     # stages are compared over the same runs while the stage is unfinished.
     done = {(r["model"], r["category"], int(r["seed"])) for r in rows}
-    rows += [r for r in runs("headline") if (r["model"], r["category"], int(r["seed"])) in done]
+    rows += [r for r in headline if (r["model"], r["category"], int(r["seed"])) in done]
     stages = defaultdict(list)
     for run in rows:
         stages[tuple(run["config"]["model"]["layers"])].append(run)
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             *variants_table([*rows, *reference], keys),
             "",
         ]
-    lines += layers()
+    lines += layers(headline)
     (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
     print((RESULTS / "summary.md").read_text())
     return 0
