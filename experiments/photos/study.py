@@ -311,9 +311,10 @@ def aggregate(stage: str) -> None:
                     name = run_name(reference, category, seed, [])
                     # layers: only beside the stage's own run (an unfinished stage compares
                     # the two sets of stages over the same runs)
-                    own = run_name(reference, category, seed, [LAYERS_OPTION])
-                    if stage == "layers" and not (folder / own / "metrics.json").is_file():
-                        continue
+                    if stage == "layers":
+                        own = run_name(reference, category, seed, [LAYERS_OPTION])
+                        if not (folder / own / "metrics.json").is_file():
+                            continue
                     if (RESULTS / "headline" / name / "metrics.json").is_file():
                         shutil.copytree(RESULTS / "headline" / name, scratch / name)
         source = scratch
